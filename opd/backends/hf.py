@@ -1,0 +1,150 @@
+"""Hugging Face causal LMs: build tiny real-architecture models, load any model the ordinary way.
+
+Everything downstream treats a folder written by `init_model` exactly like a hub model:
+`AutoModelForCausalLM.from_pretrained(path)` + `AutoTokenizer.from_pretrained(path)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from opd.errors import OpdError
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+ARCHS = ("qwen3", "llama")
+
+
+def build_char_tokenizer(texts, extra_chars: str = ""):
+    """A character-level fast tokenizer (bos/eos/pad/unk) covering every character in `texts`.
+
+    Built with `tokenizers` and wrapped as a `PreTrainedTokenizerFast`, so `save_pretrained`
+    writes a normal tokenizer.json that `AutoTokenizer` loads back.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set("".join(texts)) | set(extra_chars))
+    if not chars:
+        raise OpdError("tokenizer data has no characters")
+    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern=Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # characters join back without spaces
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_config(arch: str, vocab_size: int, layers: int, hidden: int, heads: int,
+                 kv_heads: int | None = None, intermediate: int | None = None,
+                 max_positions: int = 512, tokenizer=None):
+    """A transformers config for a small model of a real architecture (Qwen3 or Llama)."""
+    from transformers import LlamaConfig, Qwen3Config
+
+    if arch not in ARCHS:
+        raise OpdError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if hidden % heads:
+        raise OpdError(f"--hidden {hidden} is not divisible by --heads {heads}")
+    kv_heads = kv_heads or heads
+    if heads % kv_heads:
+        raise OpdError(f"--heads {heads} is not divisible by --kv-heads {kv_heads}")
+    cls = Qwen3Config if arch == "qwen3" else LlamaConfig
+    special = {}
+    if tokenizer is not None:
+        special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    return cls(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        head_dim=hidden // heads, max_position_embeddings=max_positions,
+        tie_word_embeddings=True, **special,
+    )
+
+
+def init_model(arch: str, layers: int, hidden: int, heads: int, tokenizer_texts, out: str | Path,
+               seed: int = 0, kv_heads: int | None = None, intermediate: int | None = None,
+               max_positions: int = 512) -> Path:
+    """Randomly initialise a real architecture + char tokenizer and save both (safetensors)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_char_tokenizer(tokenizer_texts)
+    config = build_config(arch, len(tokenizer), layers, hidden, heads, kv_heads, intermediate,
+                          max_positions, tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and where it came from (for the manifest)."""
+
+    model: object
+    tokenizer: object
+    name: str
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def load_model(name_or_path: str, dtype: str = "float32", revision: str | None = None,
+               trainable: bool = False) -> LoadedModel:
+    """Load a causal LM and its tokenizer the ordinary way (a hub name or a local folder)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name_or_path)
+    looks_local = name_or_path.startswith((".", "/", "~")) or path.exists() or "/" not in name_or_path
+    if looks_local and not path.exists():
+        raise OpdError(f"model not found: {name_or_path}")
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise OpdError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype)
+    except OSError as exc:  # missing files, no network for a hub name, ...
+        raise OpdError(f"cannot load model {name_or_path}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.eos_token_id is None:
+        raise OpdError(f"tokenizer of {name_or_path} has no eos token")
+    if tokenizer.pad_token_id is None:  # many hub tokenizers; keep PAD distinct from EOS if we can
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    model.train(trainable)
+    model.requires_grad_(trainable)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)
+
+
+def weights_sha256(model) -> str:
+    """sha256 over the model's parameters and buffers (names, dtypes, shapes, bytes), in name order."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """sha256 of the vocabulary and special tokens (what decides token ids)."""
+    payload = {"vocab": sorted(tokenizer.get_vocab().items()),
+               "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def check_same_vocab(teacher_tok, student_tok) -> None:
+    """Teacher and student must share token ids: the loss compares distributions position by position."""
+    if teacher_tok.get_vocab() != student_tok.get_vocab():
+        raise OpdError("teacher and student tokenizers have different vocabularies; "
+                       "opd needs a shared tokenizer (cross-tokenizer distillation is not supported)")

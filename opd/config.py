@@ -1,0 +1,215 @@
+"""One typed config for `opd distill`: every default documented inline.
+
+YAML files and `--set a.b=c` overrides map onto these dataclasses; unknown keys and wrong types
+are one-line errors naming the key. The resolved config is saved in every run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from opd.errors import OpdError
+
+
+@dataclass
+class ModelConfig:
+    model: str = ""  # hub name or local folder, loaded with AutoModelForCausalLM.from_pretrained
+    revision: str | None = None  # hub revision (branch, tag or commit); None = default branch
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (teacher only; the student trains in float32)
+
+
+@dataclass
+class TaskConfig:
+    train: str | None = None  # JSONL of {"prompt", "answer"} rows that prompts are drawn from
+    eval: str | None = None  # held-out JSONL, deployment-shaped prompts
+    builtin: str | None = None  # a built-in task family instead of files (e.g. reverse_addition)
+    params: dict = field(default_factory=dict)  # parameters of the built-in family (e.g. {digits: 3})
+    n_train: int = 20000  # built-in only: training prompts generated
+    n_eval: int = 500  # built-in only: held-out prompts generated (disjoint from training)
+    verifier: str = "exact"  # exact | numeric | regex:<pattern> | python:module:function
+    prompt_schema: typing.Any = "{prompt}"  # format string, "chat" (tokenizer's chat template) or a dict
+    seed: int = 1234  # seed of the built-in generator
+
+
+@dataclass
+class RolloutConfig:
+    batch_size: int = 64  # prompts per training step
+    samples_per_prompt: int = 1  # completions sampled per prompt
+    max_new_tokens: int = 32  # completion budget; a completion without EOS is marked truncated
+    temperature: float = 1.0  # sampling temperature; sampling is over the full vocabulary (no top-k/top-p)
+
+
+@dataclass
+class ObjectiveConfig:
+    # auto: exact full-vocabulary reverse KL when the teacher's logits are local (measured to close
+    # 88-98% of the gap where the unclipped sampled form closed 6%); the clipped sampled-token
+    # form when the teacher returns only log-probs.
+    name: str = "auto"  # auto | reverse_kl | sampled_reverse_kl | forward_kl | jsd | skew_kl | skew_reverse_kl
+    beta: float = 0.5  # jsd: interpolation; 0 = forward KL, 1 = reverse KL (GKD/TRL convention)
+    alpha: float = 0.1  # skew_kl / skew_reverse_kl: skew towards the target distribution
+    clip: float | None = 5.0  # sampled_reverse_kl: per-token advantage clip (None = off)
+    temperature: float = 1.0  # both models' logits are divided by this inside the loss
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300  # optimizer steps (one rollout batch each)
+    lr: float = 1e-3  # AdamW learning rate; ~1e-3 for tiny from-scratch models, 1e-5..1e-4 for pretrained
+    warmup_steps: int = 20  # linear warm-up, then constant
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max gradient norm (0 = off)
+    micro_batch_size: int = 0  # rows per forward/backward (gradient accumulation); 0 = whole batch
+    eval_every: int = 100  # evaluate every N steps (and always at the end)
+    checkpoint_every: int = 100  # save a resumable checkpoint every N steps (0 = never)
+    keep_checkpoints: int = 2  # keep the newest K checkpoints
+    seed: int = 0  # seeds prompt order, sampling and dropout: each step's randomness is f(seed, step)
+
+
+@dataclass
+class EvalConfig:
+    limit: int = 500  # evaluate on at most this many held-out prompts (0 = all)
+    batch_size: int = 256  # prompts per greedy decoding batch
+    max_new_tokens: int = 0  # 0 = use rollout.max_new_tokens
+
+
+@dataclass
+class DistillConfig:
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out: str = "runs/opd"  # run directory (config, manifest, metrics, eval, summary, student/)
+
+
+POSITIVE = {"rollout.batch_size", "rollout.samples_per_prompt", "rollout.max_new_tokens", "train.steps",
+            "train.eval_every", "eval.batch_size", "task.n_train", "task.n_eval"}
+NON_NEGATIVE = {"train.warmup_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.micro_batch_size", "eval.limit", "eval.max_new_tokens",
+                "train.grad_clip", "train.weight_decay"}
+
+
+def _check_type(key: str, value, annotation):
+    """Coerce/validate one value against a field annotation; raise OpdError naming the key."""
+    origin = typing.get_origin(annotation)
+    if annotation is typing.Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(key, value, arg)
+            except OpdError as exc:
+                errors.append(str(exc))
+        raise OpdError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    expected = origin or annotation
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is float and isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise OpdError(f"{key}: expected float, got {value!r}") from None
+    if expected is int and isinstance(value, bool):
+        raise OpdError(f"{key}: expected int, got {value!r}")
+    if not isinstance(value, expected):
+        raise OpdError(f"{key}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build a dataclass from a (nested) dict; unknown keys and wrong types are errors."""
+    if not isinstance(data, dict):
+        raise OpdError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise OpdError(f"unknown config key '{path}' (valid: {', '.join(sorted(names))})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value if value is not None else {}, f"{path}.")
+        else:
+            kwargs[key] = _check_type(path, value, hint)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `a.b=c` override to a nested dict; the value is parsed as YAML (1e-3, true, [1,2])."""
+    if "=" not in assignment:
+        raise OpdError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise OpdError(f"--set {key}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def validate(cfg: DistillConfig) -> DistillConfig:
+    flat = {f"{section}.{k}": v for section, sub in to_dict(cfg).items() if isinstance(sub, dict)
+            for k, v in sub.items()}
+    for key in POSITIVE:
+        if flat[key] <= 0:
+            raise OpdError(f"{key} must be positive, got {flat[key]}")
+    for key in NON_NEGATIVE:
+        if flat[key] < 0:
+            raise OpdError(f"{key} must be >= 0, got {flat[key]}")
+    if flat["rollout.temperature"] <= 0:
+        raise OpdError(f"rollout.temperature must be positive, got {flat['rollout.temperature']}")
+    if not cfg.teacher.model:
+        raise OpdError("teacher.model is required (a hub name or a local folder)")
+    if not cfg.student.model:
+        raise OpdError("student.model is required (a hub name or a local folder)")
+    if not cfg.task.builtin and not (cfg.task.train and cfg.task.eval):
+        raise OpdError("task needs either 'builtin: NAME' or both 'train' and 'eval' JSONL files")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> DistillConfig:
+    """YAML file (optional) + `--set` overrides -> validated DistillConfig."""
+    data: dict = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise OpdError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise OpdError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise OpdError(f"{path}: the config must be a mapping of sections")
+        data.update(loaded or {})
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return validate(from_dict(DistillConfig, data))
+
+
+def save_config(cfg: DistillConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

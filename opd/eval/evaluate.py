@@ -1,0 +1,47 @@
+"""Greedy evaluation on held-out, deployment-shaped prompts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from opd.rollout.prompts import encode_prompts
+from opd.rollout.sampler import decode_completions, generate
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    n: int
+    records: list[dict] = field(default_factory=list)  # prompt, completion, expected, correct, well_formed
+
+    @property
+    def stderr(self) -> float:
+        """Binomial standard error of the accuracy."""
+        return math.sqrt(max(self.accuracy * (1 - self.accuracy), 0.0) / max(self.n, 1))
+
+    def interval95(self) -> tuple[float, float]:
+        half = 1.96 * self.stderr
+        return max(0.0, self.accuracy - half), min(1.0, self.accuracy + half)
+
+
+def evaluate(model, tokenizer, examples, schema, verifier, *, max_new_tokens: int,
+             batch_size: int = 256, progress: bool = False, desc: str = "eval") -> EvalResult:
+    """Greedy-decode every example and verify it; a truncated or special-token answer is wrong."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    records = []
+    starts = range(0, len(examples), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        chunk = examples[start:start + batch_size]
+        batch = generate(model, encode_prompts(chunk, schema, tokenizer), eos_id=tokenizer.eos_token_id,
+                         pad_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens, greedy=True)
+        for ex, (text, well_formed) in zip(chunk, decode_completions(tokenizer, batch)):
+            correct = bool(well_formed and verifier(text, ex.answer))
+            records.append({"prompt": ex.prompt, "completion": text, "expected": ex.answer,
+                            "correct": correct, "well_formed": well_formed, "tag": ex.tag})
+    model.train(was_training)
+    n = len(records)
+    return EvalResult(accuracy=sum(r["correct"] for r in records) / max(n, 1), n=n, records=records)

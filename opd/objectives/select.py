@@ -1,0 +1,67 @@
+"""Pick the training objective from the config and apply it to one micro-batch.
+
+`auto` resolves to the exact full-vocabulary reverse KL when the teacher's logits are local, and
+to the clipped sampled-token reverse KL when the teacher returns only per-token log-probs
+(MEASURED.md: the unclipped sampled form closed 6% of the gap on small peaked teachers, the
+exact KL 88-98%).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from opd.errors import OpdError
+from opd.objectives.divergences import DIVERGENCES
+from opd.objectives.sampled import sampled_token_loss
+
+LOGIT_OBJECTIVES = tuple(DIVERGENCES)
+NAMES = ("auto", "sampled_reverse_kl") + LOGIT_OBJECTIVES
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(token) under softmax(logits / temperature): [B,T,V] x [B,T] -> [B,T] (float32)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+
+
+@dataclass
+class Objective:
+    name: str  # the resolved name (never "auto")
+    params: dict  # the parameters that apply to this objective (for the manifest)
+
+    @property
+    def needs_teacher_logits(self) -> bool:
+        return self.name in LOGIT_OBJECTIVES
+
+    def loss(self, student_logits, teacher_logits, teacher_logprobs, completion_ids, mask, *,
+             sampling_logprobs=None, normalizer=None) -> torch.Tensor:
+        """Scalar loss over one micro-batch; `normalizer` = completion tokens in the whole batch."""
+        temperature = self.params.get("temperature", 1.0)
+        if self.name == "sampled_reverse_kl":
+            student_lp = token_logprobs(student_logits, completion_ids, temperature)
+            return sampled_token_loss(student_lp, teacher_logprobs, mask, sampling_logprobs=sampling_logprobs,
+                                      clip=self.params["clip"], normalizer=normalizer)
+        extra = {k: v for k, v in self.params.items() if k in ("beta", "alpha")}
+        return DIVERGENCES[self.name](student_logits, teacher_logits, mask, temperature=temperature,
+                                      normalizer=normalizer, **extra)
+
+
+def make_objective(cfg, teacher_has_logits: bool = True) -> Objective:
+    """Resolve `objective.name` (auto included) into an Objective with only its relevant params."""
+    name = cfg.name
+    if name not in NAMES:
+        raise OpdError(f"unknown objective {name!r}; choose one of {', '.join(NAMES)}")
+    if name == "auto":
+        name = "reverse_kl" if teacher_has_logits else "sampled_reverse_kl"
+    if name in LOGIT_OBJECTIVES and not teacher_has_logits:
+        raise OpdError(f"objective {name} needs the teacher's logits, but the teacher returns only log-probs")
+    params = {"temperature": cfg.temperature}
+    if name == "jsd":
+        params["beta"] = cfg.beta
+    elif name.startswith("skew"):
+        params["alpha"] = cfg.alpha
+    elif name == "sampled_reverse_kl":
+        params["clip"] = cfg.clip
+    return Objective(name=name, params=params)

@@ -1,0 +1,69 @@
+"""The run manifest: everything needed to explain and reproduce a run a month later."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import opd
+from opd.backends.hf import tokenizer_sha256, weights_sha256
+
+
+def file_sha256(path) -> str | None:
+    p = Path(path)
+    if not p.is_file():
+        return None
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def code_version() -> dict:
+    """opd's version and, when running from a git checkout, its commit and whether it is dirty."""
+    src = Path(__file__).resolve().parents[2]  # the checkout holding opd/, if any
+    info = {"opd": opd.__version__, "git_commit": None, "git_dirty": None}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            info["git_commit"] = commit.stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--", "opd"], cwd=src,
+                                   capture_output=True, text=True, timeout=5)
+            info["git_dirty"] = bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def model_entry(loaded, revision, dtype) -> dict:
+    return {"name": loaded.name, "revision": revision, "dtype": dtype,
+            "architecture": type(loaded.model).__name__, "num_params": loaded.num_params,
+            "weights_sha256": weights_sha256(loaded.model),
+            "tokenizer_sha256": tokenizer_sha256(loaded.tokenizer)}
+
+
+def build_manifest(cfg, teacher, student, task, objective, argv=None) -> dict:
+    import torch
+    import transformers
+
+    return {
+        "teacher": model_entry(teacher, cfg.teacher.revision, cfg.teacher.dtype),
+        "student": model_entry(student, cfg.student.revision, cfg.student.dtype),
+        "tokenizer": {"sha256": tokenizer_sha256(student.tokenizer), "vocab_size": len(student.tokenizer),
+                      "eos": student.tokenizer.eos_token, "pad": student.tokenizer.pad_token},
+        "task": {**task.describe(),
+                 "train_sha256": file_sha256(cfg.task.train) if cfg.task.train else None,
+                 "eval_sha256": file_sha256(cfg.task.eval) if cfg.task.eval else None},
+        "prompt_schema": {**task.schema.describe(), "hash": task.schema.schema_hash()},
+        "rollout": {"policy": "student (on-policy)", "batch_size": cfg.rollout.batch_size,
+                    "samples_per_prompt": cfg.rollout.samples_per_prompt,
+                    "max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.temperature,
+                    "top_k": 0, "top_p": 1.0, "scored_until": "first EOS (inclusive)"},
+        "filters": [],  # no filter rules in this version: every rollout is trained on
+        "objective": {"name": objective.name, "requested": cfg.objective.name, **objective.params},
+        "seeds": {"train": cfg.train.seed, "task": cfg.task.seed},
+        "code": code_version(),
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                     "transformers": transformers.__version__, "platform": platform.platform()},
+        "command": argv or sys.argv,
+    }

@@ -1,0 +1,37 @@
+"""Resolve the `task:` config section into prompts, a verifier and a prompt schema."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opd.errors import OpdError
+from opd.tasks.builtin import builtin_split
+from opd.tasks.data import load_jsonl
+from opd.tasks.schema import PromptSchema
+from opd.tasks.verifiers import make_verifier
+
+
+@dataclass
+class Task:
+    train: list  # list[Example]: the prompt pool rollouts are drawn from
+    eval: list  # list[Example]: held-out prompts
+    verifier: object
+    schema: PromptSchema
+    source: dict  # where the prompts came from (builtin name + params + seed, or file paths)
+
+    def describe(self) -> dict:
+        return {**self.source, "verifier": self.verifier.spec, "n_train": len(self.train), "n_eval": len(self.eval)}
+
+
+def load_task(cfg) -> Task:
+    """Built-in family (generated from a seed) or user JSONL files; never both."""
+    if cfg.builtin and (cfg.train or cfg.eval):
+        raise OpdError("task: give either 'builtin' or 'train'/'eval' files, not both")
+    if cfg.builtin:
+        train, held_out = builtin_split(cfg.builtin, cfg.n_train, cfg.n_eval, cfg.seed, **cfg.params)
+        source = {"builtin": cfg.builtin, "params": dict(cfg.params), "seed": cfg.seed}
+    else:
+        train, held_out = load_jsonl(cfg.train), load_jsonl(cfg.eval)
+        source = {"train": str(cfg.train), "eval": str(cfg.eval)}
+    return Task(train=train, eval=held_out, verifier=make_verifier(cfg.verifier),
+                schema=PromptSchema.from_spec(cfg.prompt_schema), source=source)

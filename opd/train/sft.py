@@ -1,0 +1,71 @@
+"""Supervised fine-tuning on prompt -> answer: loss on answer tokens and EOS only.
+
+Used to make teachers from scratch, to warm up an ignorant student, and (with teacher traces as
+answers) as the off-policy baseline.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from opd.rollout.prompts import encode_answers, encode_prompts
+from opd.rollout.sampler import Batch, completion_logits, left_pad
+from opd.train.optim import make_optimizer, optimizer_step
+
+
+def make_sft_batch(prompt_ids: list[list[int]], answer_ids: list[list[int]], pad_id: int) -> Batch:
+    """Left-padded prompts + right-padded targets, in the same layout as sampled rollouts."""
+    p_ids, p_mask = left_pad(prompt_ids, pad_id)
+    width = max(len(a) for a in answer_ids)
+    c_ids = torch.full((len(answer_ids), width), pad_id, dtype=torch.long)
+    c_mask = torch.zeros((len(answer_ids), width), dtype=torch.long)
+    for i, ans in enumerate(answer_ids):
+        c_ids[i, :len(ans)] = torch.tensor(ans, dtype=torch.long)
+        c_mask[i, :len(ans)] = 1
+    return Batch(prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids, completion_mask=c_mask,
+                 sample_logprobs=torch.zeros(c_ids.shape), truncated=torch.zeros(len(answer_ids), dtype=torch.bool))
+
+
+def sft_loss(model, batch: Batch, normalizer: float | None = None) -> torch.Tensor:
+    """Token cross-entropy on completion positions only (prompt and padding never enter)."""
+    logits = completion_logits(model, batch).float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.completion_ids, reduction="none")
+    mask = batch.completion_mask.to(nll.dtype)
+    return (nll * mask).sum() / (normalizer if normalizer is not None else mask.sum().clamp(min=1))
+
+
+@dataclass
+class SftResult:
+    steps: int
+    final_loss: float
+    losses: list[float]
+
+
+def run_sft(model, tokenizer, examples, schema, *, steps: int, batch_size: int = 64, lr: float = 1e-3,
+            warmup_steps: int = 100, weight_decay: float = 0.0, grad_clip: float = 1.0, seed: int = 0,
+            progress: bool = True, desc: str = "sft") -> SftResult:
+    """Train `model` in place for `steps` steps on random batches of `examples`."""
+    from tqdm.auto import tqdm
+
+    prompts = encode_prompts(examples, schema, tokenizer)
+    answers = encode_answers(examples, tokenizer)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    model.train()
+    model.requires_grad_(True)
+    optimizer, scheduler = make_optimizer(model, lr, weight_decay, warmup_steps)
+    losses = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    for _ in bar:
+        idx = [rng.randrange(len(examples)) for _ in range(batch_size)]
+        batch = make_sft_batch([prompts[i] for i in idx], [answers[i] for i in idx], tokenizer.pad_token_id)
+        loss = sft_loss(model, batch)
+        loss.backward()
+        optimizer_step(model, optimizer, scheduler, grad_clip)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    model.eval()
+    return SftResult(steps=steps, final_loss=losses[-1] if losses else float("nan"), losses=losses)
