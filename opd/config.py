@@ -64,6 +64,7 @@ class TrainConfig:
     warmup_steps: int = 20  # linear warm-up, then constant
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max gradient norm (0 = off)
+    max_nonfinite: int = 3  # a non-finite loss/gradient skips the update; abort after this many in a row
     micro_batch_size: int = 0  # rows per forward/backward (gradient accumulation); 0 = whole batch
     eval_every: int = 100  # evaluate every N steps (and always at the end)
     checkpoint_every: int = 100  # save a resumable checkpoint every N steps (0 = never)
@@ -90,7 +91,7 @@ class DistillConfig:
     out: str = "runs/opd"  # run directory (config, manifest, metrics, eval, summary, student/)
 
 
-POSITIVE = {"rollout.batch_size", "rollout.samples_per_prompt", "rollout.max_new_tokens", "train.steps",
+POSITIVE = {"train.max_nonfinite", "rollout.batch_size", "rollout.samples_per_prompt", "rollout.max_new_tokens", "train.steps",
             "train.eval_every", "eval.batch_size", "task.n_train", "task.n_eval"}
 NON_NEGATIVE = {"train.warmup_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.micro_batch_size", "eval.limit", "eval.max_new_tokens",
                 "train.grad_clip", "train.weight_decay"}

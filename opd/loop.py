@@ -19,6 +19,7 @@ import torch
 
 from opd.backends.hf import check_same_vocab, load_model
 from opd.config import DistillConfig, save_config
+from opd.errors import OpdError
 from opd.eval.evaluate import evaluate
 from opd.objectives.divergences import per_token_reverse_kl
 from opd.objectives.select import make_objective, token_logprobs
@@ -108,7 +109,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
         run.log_eval({"step": 0, "accuracy": student_before, "teacher_accuracy": teacher_acc, "n": len(eval_set)})
 
     student.model.train()
-    last_eval = None
+    last_eval, nonfinite_streak = None, 0
     bar = tqdm(range(start + 1, cfg.train.steps + 1), desc="opd", disable=not progress,
                initial=start, total=cfg.train.steps)
     for step in bar:
@@ -131,6 +132,10 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
                   "tokens_per_s": float(lengths.sum()) / (t3 - t0),
                   "time_sample_s": t1 - t0, "time_score_s": t2 - t1, "time_update_s": t3 - t2}
         run.log_metrics(record)                                                                 # log
+        nonfinite_streak = 0 if stats["update_applied"] else nonfinite_streak + 1
+        if nonfinite_streak >= cfg.train.max_nonfinite:
+            raise OpdError(f"aborting at step {step}: {nonfinite_streak} consecutive non-finite losses/gradients "
+                           f"(updates skipped; see {run.metrics_path}); lower train.lr or check the teacher")
         bar.set_postfix(loss=f"{stats['loss']:.3f}", kl=f"{stats['reverse_kl']:.3f}", refresh=False)
         if step % cfg.train.eval_every == 0 or step == cfg.train.steps:                         # evaluate
             last_eval = run_eval(student.model, f"eval @{step}")

@@ -45,7 +45,7 @@ def task_and_models(tmp_path_factory):
     train = load_jsonl(paths["train"])
     schema = PromptSchema.from_spec("{prompt}")
     dirs = {}
-    for name, layers, hidden, steps in (("teacher", 2, 64, 300), ("student", 1, 32, 40)):
+    for name, layers, hidden, steps in (("teacher", 2, 64, 300), ("student", 2, 32, 60)):
         out = init_model("qwen3", layers, hidden, 4, ["abcd="], root / name, seed=0)
         m = load_model(str(out), trainable=True)
         run_sft(m.model, m.tokenizer, train, schema, steps=steps, batch_size=32, lr=3e-3, warmup_steps=20,
@@ -58,8 +58,8 @@ def task_and_models(tmp_path_factory):
 def config(root, paths, dirs, *extra):
     return load_config(None, [f"teacher.model={dirs['teacher']}", f"student.model={dirs['student']}",
                               f"task.train={paths['train']}", f"task.eval={paths['eval']}",
-                              "rollout.batch_size=32", "rollout.max_new_tokens=8", "train.steps=60",
-                              "train.lr=3e-3", "train.eval_every=30", "train.checkpoint_every=0",
+                              "rollout.batch_size=32", "rollout.max_new_tokens=8", "train.steps=300",
+                              "train.lr=3e-3", "train.eval_every=100", "train.checkpoint_every=0",
                               "train.warmup_steps=5", f"out={root / 'run'}", *extra])
 
 
@@ -210,3 +210,35 @@ def test_micro_batches_give_the_same_update(tiny_model_dir):
     g_split, s_split = _grads(student, teacher, batch, micro=1)
     torch.testing.assert_close(g_full, g_split, atol=1e-6, rtol=1e-4)
     assert s_full["loss"] == pytest.approx(s_split["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_skips_the_update_then_aborts(task_and_models, monkeypatch):
+    """A NaN loss must not touch the weights; K in a row stop the run with a clear message."""
+    from opd.errors import OpdError
+
+    root, paths, dirs = task_and_models
+    real_loss = loop.make_objective(load_config(None, ["teacher.model=t", "student.model=s", "task.builtin=x"]).objective)
+    poisoned_steps = {3, 5, 6, 7}
+    state = {"step": 0}
+    real_update = loop.update
+
+    def counting_update(*a, **kw):
+        state["step"] += 1
+        return real_update(*a, **kw)
+
+    class NaNOnSomeSteps:
+        name, params, needs_teacher_logits = real_loss.name, real_loss.params, True
+
+        def loss(self, *a, **kw):
+            value = real_loss.loss(*a, **kw)
+            return value * float("nan") if state["step"] in poisoned_steps else value
+
+    monkeypatch.setattr(loop, "update", counting_update)
+    monkeypatch.setattr(loop, "make_objective", lambda *a, **kw: NaNOnSomeSteps())
+    out = root / "run-nan"
+    with pytest.raises(OpdError, match="aborting at step 7: 3 consecutive non-finite"):
+        loop.distill(config(root, paths, dirs, f"out={out}", "train.steps=20"), progress=False)
+    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 8))
+    assert [m["update_applied"] for m in metrics] == [True, True, False, True, False, False, False]

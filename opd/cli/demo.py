@@ -25,8 +25,8 @@ from opd.train.sft import run_sft
 
 TASK = {"builtin": "reverse_addition", "params": {"digits": 3}, "n_train": 20000, "n_eval": 500, "seed": 1234}
 TEACHER = {"arch": "qwen3", "layers": 3, "hidden": 128, "heads": 4, "seed": 0, "sft_steps": 1000, "lr": 1e-3}
-STUDENT = {"arch": "qwen3", "layers": 2, "hidden": 64, "heads": 4, "seed": 1, "sft_steps": 400, "lr": 1e-3}
-OPD = {"steps": 1000, "batch_size": 64, "lr": 1e-3, "max_new_tokens": 8, "eval_every": 250}
+STUDENT = {"arch": "qwen3", "layers": 2, "hidden": 64, "heads": 4, "seed": 1, "sft_steps": 600, "lr": 1e-3}
+OPD = {"steps": 2000, "batch_size": 64, "lr": 1e-3, "max_new_tokens": 8, "eval_every": 400}
 
 
 def _make_model(spec: dict, texts, out: Path, examples, progress: bool, desc: str) -> float:
