@@ -58,6 +58,17 @@ class ObjectiveConfig:
 
 
 @dataclass
+class MethodConfig:
+    # opd: student samples, divergence to the teacher (default). Baselines/variants: sft (train on
+    # teacher traces), mixed (GKD's lambda), rl (verifier reward, no teacher), opd+rl.
+    name: str = "opd"  # opd | sft | mixed | rl | opd+rl
+    lmbda: float = 0.5  # mixed: probability that a batch is student-sampled (GKD's lambda)
+    reward_weight: float = 1.0  # opd+rl: weight of the verifier-reward policy gradient
+    traces: str | None = None  # sft: JSONL of prompt/answer traces instead of fresh teacher samples
+    teacher_greedy: bool = False  # sft/mixed: decode teacher traces greedily instead of sampling
+
+
+@dataclass
 class TrainConfig:
     steps: int = 300  # optimizer steps (one rollout batch each)
     lr: float = 1e-3  # AdamW learning rate; ~1e-3 for tiny from-scratch models, 1e-5..1e-4 for pretrained
@@ -70,6 +81,8 @@ class TrainConfig:
     checkpoint_every: int = 100  # save a resumable checkpoint every N steps (0 = never)
     keep_checkpoints: int = 2  # keep the newest K checkpoints
     seed: int = 0  # seeds prompt order, sampling and dropout: each step's randomness is f(seed, step)
+    max_flops: float = 0.0  # stop once cumulative FLOPs reach this (0 = run all steps); for compute-matched comparisons
+    eval_every_flops: float = 0.0  # also evaluate each time cumulative FLOPs pass a multiple of this (0 = off)
 
 
 @dataclass
@@ -84,6 +97,7 @@ class DistillConfig:
     teacher: ModelConfig = field(default_factory=ModelConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -93,7 +107,7 @@ class DistillConfig:
 
 POSITIVE = {"train.max_nonfinite", "rollout.batch_size", "rollout.samples_per_prompt", "rollout.max_new_tokens", "train.steps",
             "train.eval_every", "eval.batch_size", "task.n_train", "task.n_eval"}
-NON_NEGATIVE = {"train.warmup_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.micro_batch_size", "eval.limit", "eval.max_new_tokens",
+NON_NEGATIVE = {"train.max_flops", "train.eval_every_flops", "method.reward_weight", "train.warmup_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.micro_batch_size", "eval.limit", "eval.max_new_tokens",
                 "train.grad_clip", "train.weight_decay"}
 
 
@@ -142,6 +156,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
         if key not in names:
             raise OpdError(f"unknown config key '{path}' (valid: {', '.join(sorted(names))})")
         hint = hints[key]
+        if dataclasses.is_dataclass(hint) and isinstance(value, str) and "name" in {f.name for f in dataclasses.fields(hint)}:
+            value = {"name": value}  # shorthand, e.g. `method: rl`
         if dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value if value is not None else {}, f"{path}.")
         else:
@@ -182,6 +198,12 @@ def validate(cfg: DistillConfig) -> DistillConfig:
             raise OpdError(f"{key} must be >= 0, got {flat[key]}")
     if flat["rollout.temperature"] <= 0:
         raise OpdError(f"rollout.temperature must be positive, got {flat['rollout.temperature']}")
+    from opd.train.step import METHODS
+
+    if cfg.method.name not in METHODS:
+        raise OpdError(f"unknown method {cfg.method.name!r}; choose one of {', '.join(METHODS)}")
+    if not 0.0 <= cfg.method.lmbda <= 1.0:
+        raise OpdError(f"method.lmbda must be in [0, 1], got {cfg.method.lmbda}")
     if not cfg.teacher.model:
         raise OpdError("teacher.model is required (a hub name or a local folder)")
     if not cfg.student.model:

@@ -114,7 +114,8 @@ def load_model(name_or_path: str, dtype: str = "float32", revision: str | None =
         raise OpdError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype,
+                                                     use_safetensors=True)  # never unpickle weights
     except OSError as exc:  # missing files, no network for a hub name, ...
         raise OpdError(f"cannot load model {name_or_path}: {str(exc).splitlines()[0]}") from None
     if tokenizer.eos_token_id is None:

@@ -71,7 +71,7 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the returned ids feed autograd (gather) in the update
 def generate(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
              temperature: float = 1.0, greedy: bool = False,
              generator: torch.Generator | None = None) -> Batch:

@@ -1,0 +1,180 @@
+"""`opd inspect RUN`: read a run's stored rollouts and eval answers (RUN/samples, via DuckDB).
+
+    opd inspect runs/x                      the most recent rollouts
+    opd inspect runs/x --rejected           rejected rollouts and the filter rule that rejected each
+    opd inspect runs/x --failures           wrong eval answers at the latest (or --step) eval
+    opd inspect runs/x --sql "select reject_rule, count(*) from rollouts group by 1"
+
+Where teacher and student disagree: each rollout's completion is shown token by token, with the
+3 tokens of largest |teacher log-prob - student log-prob| in bold red. Tokens are decoded one at a
+time from `completion_ids` with the run's own tokenizer (RUN/student, else the latest checkpoint),
+so highlights sit exactly on the scored tokens. Without a tokenizer the stored completion text is
+shown plain, followed by the positions and ids of those tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from opd.errors import OpdError
+
+TOP_DISAGREEMENTS = 3
+HIGHLIGHT = "bold red"
+MAX_CELL = 160
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("inspect", help="show a run's rollouts, rejections, eval failures, or SQL over them")
+    p.add_argument("run", help="run directory (the config's 'out')")
+    view = p.add_mutually_exclusive_group()
+    view.add_argument("--rejected", action="store_true", help="only rollouts a filter rejected, with the rule")
+    view.add_argument("--failures", action="store_true", help="wrong eval answers at the latest (or --step) eval")
+    view.add_argument("--sql", metavar="QUERY", help="DuckDB SQL over the tables 'rollouts' and 'evals'")
+    p.add_argument("--step", type=int, default=None, help="only this training/eval step")
+    p.add_argument("--task", default=None, help="only rows with this task tag")
+    p.add_argument("--limit", type=int, default=10, help="rows to show (default 10)")
+    p.set_defaults(func=run_inspect)
+
+
+def run_inspect(args, console=None) -> None:
+    from rich.console import Console
+
+    from opd.store.samples import SampleStore
+
+    run = Path(args.run)
+    if not run.is_dir():
+        raise OpdError(f"run directory not found: {run}")
+    store = SampleStore(run)
+    if not store.parts("rollouts") and not store.parts("evals"):
+        raise OpdError(f"no samples in {run} yet (RUN/samples is written at each checkpoint and at the end of a run)")
+    if args.limit <= 0:
+        raise OpdError(f"--limit must be positive, got {args.limit}")
+    console = console or Console()
+    if args.sql:
+        console.print(sql_table(store.query(args.sql), args.sql))
+    elif args.failures:
+        console.print(failures_table(store, args))
+    else:
+        console.print(rollouts_table(store, args, load_tokenizer(run)))
+
+
+def _filters(args, rejected: bool = False) -> tuple[str, list]:
+    """A WHERE clause (with bound parameters) for --step, --task and --rejected."""
+    clauses, params = ["true"], []
+    if args.step is not None:
+        clauses.append("step = ?")
+        params.append(args.step)
+    if args.task is not None:
+        clauses.append("task_tag = ?")
+        params.append(args.task)
+    if rejected:
+        clauses.append("not kept")
+    return " and ".join(clauses), params
+
+
+def rollouts_table(store, args, tokenizer=None):
+    from rich.table import Table
+
+    where, params = _filters(args, rejected=args.rejected)
+    rows = store.rows(f"select * from rollouts where {where} order by step desc limit ?", params + [args.limit])
+    kind = "rejected rollouts" if args.rejected else "rollouts"
+    table = Table(title=f"{kind}: {len(rows)} most recent" + ("" if rows else " (none match)"),
+                  caption=f"bold red = the {TOP_DISAGREEMENTS} tokens with the largest |teacher - student| log-prob")
+    for name in ("step", "task", "prompt", "completion", "kept / rule", "correct", "mean t-s lp"):
+        table.add_column(name, overflow="fold")
+    for r in rows:
+        s_lp, t_lp = r["student_logprobs"] or [], r["teacher_logprobs"] or []
+        gaps = [t - s for s, t in zip(s_lp, t_lp)]
+        table.add_row(str(r["step"]), _cell(r["task_tag"]), _cell(r["prompt"]),
+                      completion_text(r["completion"], r["completion_ids"] or [], gaps, tokenizer),
+                      "kept" if r["kept"] else f"[red]{r['reject_rule'] or 'rejected'}[/red]",
+                      _yes_no(r["correct"]), f"{sum(gaps) / len(gaps):+.3f}" if gaps else "-")
+    return table
+
+
+def completion_text(completion: str, ids: list[int], gaps: list[float], tokenizer=None):
+    """The completion with its most teacher/student-disagreeing tokens highlighted (a rich Text)."""
+    from rich.text import Text
+
+    top = top_disagreements(gaps)
+    if tokenizer is None:
+        text = Text(_clip(completion))
+        if top:
+            text.append("\n")
+            text.append("  ".join(f"#{i}:{ids[i]} ({gaps[i]:+.2f})" for i in sorted(top) if i < len(ids)),
+                        style=HIGHLIGHT)
+        return text
+    text = Text()
+    for i, tok_id in enumerate(ids):
+        text.append(tokenizer.decode([tok_id]), style=HIGHLIGHT if i in top else None)
+    return text
+
+
+def top_disagreements(gaps: list[float], k: int = TOP_DISAGREEMENTS) -> set[int]:
+    """Token positions of the k largest |teacher - student| log-prob gaps."""
+    return set(sorted(range(len(gaps)), key=lambda i: -abs(gaps[i]))[:k])
+
+
+def load_tokenizer(run: Path):
+    """The run's tokenizer (final student, else latest checkpoint), or None when there is none."""
+    candidates = [run / "student", *sorted((run / "checkpoints").glob("step-*"), reverse=True)]
+    for path in candidates:
+        if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
+            try:
+                from transformers import AutoTokenizer
+
+                return AutoTokenizer.from_pretrained(str(path))
+            except Exception:  # an unreadable tokenizer only costs the token view
+                return None
+    return None
+
+
+def failures_table(store, args):
+    from rich.table import Table
+
+    where, params = _filters(args)
+    step = args.step
+    if step is None:
+        step = store.rows(f"select max(step) as s from evals where {where}", params)[0]["s"]
+        if step is None:
+            raise OpdError("no eval rows in this run" + (f" for task '{args.task}'" if args.task else ""))
+        where, params = where + " and step = ?", params + [step]
+    counts = f"select count(*) as n, count(*) filter (not correct) as bad from evals where {where}"
+    total = store.rows(counts, params)[0]
+    rows = store.rows(f"select * from evals where {where} and not correct limit ?", params + [args.limit])
+    table = Table(title=f"eval failures at step {step}: {total['bad']} of {total['n']} wrong"
+                        + (f" (showing {len(rows)})" if total["bad"] > len(rows) else ""))
+    for name in ("task", "prompt", "completion", "expected", "well-formed"):
+        table.add_column(name, overflow="fold")
+    for r in rows:
+        table.add_row(_cell(r["task_tag"]), _cell(r["prompt"]), _cell(r["completion"]), _cell(r["expected"]),
+                      _yes_no(r["well_formed"]))
+    return table
+
+
+def sql_table(result, sql: str):
+    """Any query result (a pyarrow.Table) as a rich table; long cells are clipped."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=Text(f"{result.num_rows} rows: {_clip(sql, 100)}"))
+    for name in result.column_names:
+        table.add_column(name, overflow="fold")
+    for row in result.to_pylist():
+        table.add_row(*(_cell(str(v)) if v is not None else Text("NULL", style="dim") for v in row.values()))
+    return table
+
+
+def _cell(text: str | None):
+    """User text as a rich Text, so brackets in prompts are never read as markup."""
+    from rich.text import Text
+
+    return Text(_clip(text or ""))
+
+
+def _clip(text: str, width: int = MAX_CELL) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")

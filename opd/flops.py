@@ -1,0 +1,47 @@
+"""FLOP accounting from model shapes and token counts (the usual 2·N per token rule).
+
+Forward cost of one token at context length c: 2·N (every parameter multiplies once; N counts
+the tied LM head once, which is the matmul that matters; embedding lookups are free) plus
+attention 2·2·L·c·d (scores and weighted sum over c keys, L layers, width d). Training is ≈3× a
+forward (backward ≈ 2× forward). Used to compare methods at equal compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: int
+    layers: int
+    width: int  # attention width: heads × head_dim
+
+    @classmethod
+    def of(cls, model) -> "ModelShape":
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return cls(params=sum(p.numel() for p in model.parameters()), layers=cfg.num_hidden_layers,
+                   width=heads * head_dim)
+
+    def forward_flops(self, new_tokens: int, context: int) -> float:
+        """Forward FLOPs for `new_tokens` tokens that each attend to about `context` positions."""
+        return new_tokens * (2.0 * self.params + 4.0 * self.layers * context * self.width)
+
+
+def sequence_flops(shape: ModelShape, prompt_lens, completion_lens, *, train: bool = False) -> float:
+    """One full pass over prompt+completion per row (teacher scoring, or ×3 for a training step)."""
+    total = 0.0
+    for p, c in zip(prompt_lens, completion_lens):
+        n = p + c
+        total += shape.forward_flops(n, n / 2)  # causal: on average half the sequence is attended
+    return 3.0 * total if train else total
+
+
+def generation_flops(shape: ModelShape, prompt_lens, completion_lens) -> float:
+    """Prefill of the prompt, then one cached forward per sampled token."""
+    total = 0.0
+    for p, c in zip(prompt_lens, completion_lens):
+        total += shape.forward_flops(p, p / 2) + shape.forward_flops(c, p + c / 2)
+    return total

@@ -1,0 +1,73 @@
+"""One training step's pieces: teacher scoring, and the update for every method.
+
+Methods (config `method.name`):
+  opd     student samples; divergence to the teacher on its own samples (the default)
+  sft     teacher samples (or a traces file); cross-entropy on the teacher's tokens
+  mixed   GKD's λ: a batch is student-sampled with probability λ, else teacher-sampled; divergence
+  rl      student samples G per prompt; REINFORCE with a group baseline on the 0/1 verifier reward
+  opd+rl  the divergence plus a weighted verifier-reward policy gradient
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.objectives.divergences import per_token_reverse_kl
+from opd.objectives.reward import policy_gradient_loss
+from opd.objectives.select import token_logprobs
+from opd.rollout.sampler import Batch, completion_logits
+from opd.train.optim import optimizer_step
+
+METHODS = ("opd", "sft", "mixed", "rl", "opd+rl")
+USES_TEACHER_SCORES = {"opd", "mixed", "opd+rl"}
+USES_REWARD = {"rl", "opd+rl"}
+
+
+@torch.no_grad()
+def score(teacher, batch: Batch) -> torch.Tensor:
+    """Teacher logits [B,T,V] for every completion position (float32, no gradient)."""
+    return completion_logits(teacher, batch).float()
+
+
+def _rows(batch: Batch, lo: int, hi: int) -> Batch:
+    return Batch(*(t[lo:hi] for t in (batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                      batch.completion_mask, batch.sample_logprobs, batch.truncated)))
+
+
+def update(student, optimizer, scheduler, objective, batch: Batch, teacher_logits, cfg, *,
+           method: str = "opd", advantages=None, reward_weight: float = 1.0) -> dict:
+    """One optimizer step, in micro-batches whose losses sum to the full-batch loss.
+
+    Every loss is normalised by the completion-token count of the whole batch, so splitting into
+    micro-batches (gradient accumulation) changes neither the loss nor the gradient.
+    """
+    n_tokens = max(int(batch.completion_mask.sum()), 1)
+    rows = batch.prompt_ids.shape[0]
+    micro = cfg.micro_batch_size or rows
+    total_loss, kl_sum, teacher_lp_sum = 0.0, 0.0, 0.0
+    for lo in range(0, rows, micro):
+        sub = _rows(batch, lo, lo + micro)
+        mask = sub.completion_mask
+        s_logits = completion_logits(student, sub)
+        s_lp = token_logprobs(s_logits, sub.completion_ids)
+        loss = s_logits.new_zeros(())
+        if method == "sft":
+            loss = -(s_lp * mask).sum() / n_tokens
+        if teacher_logits is not None:
+            t_logits = teacher_logits[lo:lo + micro]
+            t_lp = token_logprobs(t_logits, sub.completion_ids)
+            if method in USES_TEACHER_SCORES:
+                loss = loss + objective.loss(s_logits, t_logits, t_lp, sub.completion_ids, mask, normalizer=n_tokens)
+            m = mask.float()
+            kl_sum += float((per_token_reverse_kl(s_logits.detach(), t_logits) * m).sum())
+            teacher_lp_sum += float((t_lp * m).sum())
+        if method in USES_REWARD:
+            weight = 1.0 if method == "rl" else reward_weight
+            loss = loss + weight * policy_gradient_loss(s_lp, advantages[lo:lo + micro], mask, normalizer=n_tokens)
+        loss.backward()
+        total_loss += loss.item()
+    grad_norm, applied = optimizer_step(student, optimizer, scheduler, cfg.grad_clip)
+    stats = {"loss": total_loss, "grad_norm": grad_norm, "update_applied": applied}
+    if teacher_logits is not None:
+        stats.update(reverse_kl=kl_sum / n_tokens, teacher_logprob=teacher_lp_sum / n_tokens)
+    return stats
