@@ -82,6 +82,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # keep the newest K checkpoints
     seed: int = 0  # seeds prompt order, sampling and dropout: each step's randomness is f(seed, step)
     max_flops: float = 0.0  # stop once cumulative FLOPs reach this (0 = run all steps); for compute-matched comparisons
+    stop_at_accuracy: float = 0.0  # stop after an evaluation at or above this accuracy (0 = off)
     eval_every_flops: float = 0.0  # also evaluate each time cumulative FLOPs pass a multiple of this (0 = off)
 
 
@@ -102,12 +103,15 @@ class DistillConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # ordered filter rules, e.g. [{rule: min_tokens, n: 1}, {rule: regex, pattern: "^[0-9]+$", must_match: true}];
+    # the first rule that rejects a rollout is stored as its reason (see opd/rollout/filters.py)
+    filters: list | None = None
     out: str = "runs/opd"  # run directory (config, manifest, metrics, eval, summary, student/)
 
 
 POSITIVE = {"train.max_nonfinite", "rollout.batch_size", "rollout.samples_per_prompt", "rollout.max_new_tokens", "train.steps",
             "train.eval_every", "eval.batch_size", "task.n_train", "task.n_eval"}
-NON_NEGATIVE = {"train.max_flops", "train.eval_every_flops", "method.reward_weight", "train.warmup_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.micro_batch_size", "eval.limit", "eval.max_new_tokens",
+NON_NEGATIVE = {"train.stop_at_accuracy", "train.max_flops", "train.eval_every_flops", "method.reward_weight", "train.warmup_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.micro_batch_size", "eval.limit", "eval.max_new_tokens",
                 "train.grad_clip", "train.weight_decay"}
 
 
@@ -204,6 +208,9 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise OpdError(f"unknown method {cfg.method.name!r}; choose one of {', '.join(METHODS)}")
     if not 0.0 <= cfg.method.lmbda <= 1.0:
         raise OpdError(f"method.lmbda must be in [0, 1], got {cfg.method.lmbda}")
+    from opd.rollout.filters import build_filters
+
+    build_filters(cfg.filters)  # unknown rules and bad parameters are config errors, before any model loads
     if not cfg.teacher.model:
         raise OpdError("teacher.model is required (a hub name or a local folder)")
     if not cfg.student.model:

@@ -27,9 +27,12 @@ from opd.flops import ModelShape, generation_flops, sequence_flops
 from opd.objectives.reward import group_advantages
 from opd.objectives.select import make_objective
 from opd.rollout.prompts import encode_answers, encode_prompts
-from opd.rollout.sampler import decode_completions, generate
+from opd.rollout.filters import build_filters
+from opd.rollout.records import rollout_views, select_rows, store_rows
+from opd.rollout.sampler import generate
 from opd.store.manifest import build_manifest
 from opd.store.rundir import RunDir, read_jsonl
+from opd.store.samples import SampleStore, eval_rows
 from opd.tasks.data import load_jsonl
 from opd.tasks.loader import load_task
 from opd.train.optim import make_optimizer
@@ -58,6 +61,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
     check_same_vocab(teacher.tokenizer, student.tokenizer)
     tok = student.tokenizer
     objective = make_objective(cfg.objective, teacher_has_logits=True)
+    filters = build_filters(cfg.filters)
+    samples = SampleStore(run.root)  # every rollout (kept or rejected, with its rule) and eval answer
     traces = load_jsonl(cfg.method.traces) if cfg.method.traces else None
     pool = traces or task.train
     train_prompts = encode_prompts(pool, task.schema, tok)
@@ -79,13 +84,16 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
         scheduler.load_state_dict(state["scheduler"])
         flops = state.get("flops", 0.0)
         run.truncate_after(start)
+        samples.truncate_after(start)
         before = read_jsonl(run.eval_path)[0]
         teacher_acc, student_before = before["teacher_accuracy"], before["accuracy"]
     else:
         save_config(cfg, run.root / "config.yaml")
-        run.write_json("manifest.json", build_manifest(cfg, teacher, student, task, objective, argv))
+        run.write_json("manifest.json", build_manifest(cfg, teacher, student, task, objective, filters, argv))
         teacher_acc = run_eval(teacher.model, "eval teacher").accuracy
-        student_before = run_eval(student.model, "eval student").accuracy
+        result = run_eval(student.model, "eval student")
+        student_before = result.accuracy
+        samples.add_evals(eval_rows(0, result.records))
         run.log_eval({"step": 0, "flops": 0.0, "accuracy": student_before, "teacher_accuracy": teacher_acc,
                       "n": len(eval_set)})
 
@@ -110,17 +118,23 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
             batch = generate(sampler.model, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                              max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                              greedy=teacher_samples and cfg.method.teacher_greedy, generator=gen)
-        advantages = None
-        if method in USES_REWARD:                                                              # verify
-            texts = decode_completions(tok, batch)
-            rewards = torch.tensor([float(ok and task.verifier(text, pool[i].answer))
-                                    for (text, ok), i in zip(texts, picks)])
-            advantages = group_advantages(rewards, cfg.rollout.samples_per_prompt)
         t1 = time.perf_counter()
         teacher_logits = score(teacher.model, batch) if method in USES_TEACHER_SCORES else None  # score
         t2 = time.perf_counter()
-        stats = update(student.model, optimizer, scheduler, objective, batch, teacher_logits, cfg.train,  # update
-                       method=method, advantages=advantages, reward_weight=cfg.method.reward_weight)
+        examples = [pool[i] for i in picks]                                                     # filter
+        views = rollout_views(batch, tok, examples, task.verifier, teacher_logits)
+        reasons = filters.apply(views)
+        samples.add_rollouts(store_rows(step, step - 1, batch, examples, views, reasons, cfg.teacher.model))
+        rewards = torch.tensor([float(v.correct) for v in views])
+        advantages = group_advantages(rewards, cfg.rollout.samples_per_prompt) if method in USES_REWARD else None
+        keep = torch.tensor([r is None for r in reasons])
+        if keep.any():
+            stats = update(student.model, optimizer, scheduler, objective, select_rows(batch, keep),  # update
+                           teacher_logits[keep] if teacher_logits is not None else None, cfg.train,
+                           method=method, advantages=advantages[keep] if advantages is not None else None,
+                           reward_weight=cfg.method.reward_weight)
+        else:  # every rollout was rejected: nothing to learn from, and not a numeric failure
+            stats = {"loss": 0.0, "grad_norm": 0.0, "update_applied": False}
         t3 = time.perf_counter()
         p_lens = batch.prompt_mask.sum(1).tolist()
         c_lens = batch.completion_lengths().tolist()
@@ -130,15 +144,14 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
             flops += sequence_flops(shapes["teacher"], p_lens, c_lens)
         flops += sequence_flops(shapes["student"], p_lens, c_lens, train=True)
         record = {"step": step, **stats, "lr": scheduler.get_last_lr()[0], "flops": flops,
-                  "sampled_by": "teacher" if teacher_samples else "student",
+                  "sampled_by": "teacher" if teacher_samples else "student", "train_reward": float(rewards.mean()),
+                  "kept": int(keep.sum()), **{f"reject/{k}": n for k, n in filters.reject_counts(reasons).items()},
                   "completion_len": sum(c_lens) / len(c_lens), "truncated_frac": float(batch.truncated.float().mean()),
                   "tokens_per_s": sum(c_lens) / (t3 - t0),
                   "time_sample_s": t1 - t0, "time_score_s": t2 - t1, "time_update_s": t3 - t2}
-        if advantages is not None:
-            record["train_reward"] = float(rewards.mean())
         run.log_metrics(record)                                                                 # log
         bar.set_postfix(loss=f"{stats['loss']:.3f}", refresh=False)
-        nonfinite_streak = 0 if stats["update_applied"] else nonfinite_streak + 1
+        nonfinite_streak = 0 if stats["update_applied"] or not keep.any() else nonfinite_streak + 1
         if nonfinite_streak >= cfg.train.max_nonfinite:
             raise OpdError(f"aborting at step {step}: {nonfinite_streak} consecutive non-finite losses/gradients "
                            f"(updates skipped; see {run.metrics_path}); lower train.lr or check the teacher")
@@ -151,16 +164,21 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
             result = run_eval(student.model, f"eval @{step}")
             run.log_eval({"step": step, "flops": flops, "accuracy": result.accuracy, "n": result.n,
                           "failures": [r for r in result.records if not r["correct"]][:20]})
+            samples.add_evals(eval_rows(step, result.records))
             student.model.train()
+            reached = bool(cfg.train.stop_at_accuracy) and result.accuracy >= cfg.train.stop_at_accuracy
+            last_step = last_step or reached
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and not last_step:
+            samples.flush(step)  # before the checkpoint: a resume from it redoes later rows exactly once
             run.save_checkpoint(step, student.model, tok, {"step": step, "flops": flops,
                                                             "optimizer": optimizer.state_dict(),
                                                             "scheduler": scheduler.state_dict()},
                                 keep=cfg.train.keep_checkpoints)
-        if out_of_flops:
+        if last_step:
             break
 
     final = read_jsonl(run.eval_path)[-1]
+    samples.flush(final["step"])
     student.model.save_pretrained(run.root / "student", safe_serialization=True)
     tok.save_pretrained(run.root / "student")
     gap = teacher_acc - student_before

@@ -145,6 +145,10 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(task_and_models, monk
     assert weights_sha256(a) == weights_sha256(b)
     steps = [json.loads(l)["step"] for l in (root / "r-crash" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 11))
+    from opd.store.samples import SampleStore
+
+    per_step = SampleStore(root / "r-crash").rows("select step, count(*) as n from rollouts group by 1 order by 1")
+    assert per_step == [{"step": s, "n": 32} for s in range(1, 11)]  # each step's rollouts stored once
     assert resumed["student_accuracy_after"] == straight["student_accuracy_after"]
 
 
@@ -242,3 +246,48 @@ def test_non_finite_loss_skips_the_update_then_aborts(task_and_models, monkeypat
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 8))
     assert [m["update_applied"] for m in metrics] == [True, True, False, True, False, False, False]
+
+
+@pytest.mark.slow
+def test_filters_reject_with_reasons_and_the_store_keeps_every_sample(task_and_models, capsys):
+    """Rejected rollouts never train, are stored with their rule, counted per step, and inspectable."""
+    from opd.cli.main import main
+    from opd.store.samples import SampleStore
+
+    root, paths, dirs = task_and_models
+    out = root / "run-filters"
+    filters = "filters=[{rule: max_tokens, n: 3}, {rule: verifier, keep: passing}]"
+    loop.distill(config(root, paths, dirs, f"out={out}", "train.steps=6", "train.eval_every=3", filters),
+                 progress=False)
+    store = SampleStore(out)
+    rows = store.rows("select step, kept, reject_rule, correct, completion_ids, truncated from rollouts")
+    assert len(rows) == 6 * 32
+    for r in rows:
+        too_long = r["truncated"] or len(r["completion_ids"]) - 1 > 3
+        expected = "max_tokens" if too_long else (None if r["correct"] else "verifier")
+        assert r["reject_rule"] == expected and r["kept"] == (expected is None)
+    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics:
+        step_rows = [r for r in rows if r["step"] == m["step"]]
+        assert m["reject/verifier"] == sum(r["reject_rule"] == "verifier" for r in step_rows)
+        assert m["kept"] == sum(r["kept"] for r in step_rows)
+    assert {r["reject_rule"] for r in rows} >= {"verifier"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [f["rule"] for f in manifest["filters"]] == ["max_tokens", "verifier"]
+    evals = store.rows("select step, count(*) as n from evals group by step order by step")
+    assert [e["step"] for e in evals] == [0, 3, 6]
+
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--rejected", "--limit", "5"]) == 0
+    assert "verifier" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--failures"]) == 0
+    assert "=" in capsys.readouterr().out  # prompts of failed eval answers
+    assert main(["inspect", str(out), "--sql", "select reject_rule, count(*) as n from rollouts group by 1"]) == 0
+    assert "verifier" in capsys.readouterr().out
+
+
+def test_unknown_filter_rule_is_a_config_error():
+    from opd.errors import OpdError
+
+    with pytest.raises(OpdError, match="unknown filter rule 'lenght'"):
+        load_config(None, ["teacher.model=t", "student.model=s", "task.builtin=x", "filters=[{rule: lenght}]"])

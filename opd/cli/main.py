@@ -56,12 +56,43 @@ def cmd_sft(args) -> None:
         raise OpdError("--steps and --batch-size must be positive")
     examples = load_jsonl(args.data)
     schema = PromptSchema.from_spec(args.prompt_schema)
+    eval_fn = None
+    if args.eval:
+        from opd.eval.evaluate import evaluate
+        from opd.tasks.verifiers import make_verifier
+
+        held_out, verifier = load_jsonl(args.eval), make_verifier(args.verifier)
+        eval_fn = lambda model: evaluate(model, loaded.tokenizer, held_out, schema, verifier,  # noqa: E731
+                                         max_new_tokens=args.max_new_tokens).accuracy
+    elif args.stop_at is not None:
+        raise OpdError("--stop-at needs --eval DATA.jsonl")
     loaded = load_model(args.model, trainable=True)
     result = run_sft(loaded.model, loaded.tokenizer, examples, schema, steps=args.steps, batch_size=args.batch_size,
-                     lr=args.lr, warmup_steps=args.warmup, seed=args.seed, progress=not args.no_progress)
+                     lr=args.lr, warmup_steps=args.warmup, seed=args.seed, progress=not args.no_progress,
+                     eval_fn=eval_fn, eval_every=args.eval_every if eval_fn else 0, stop_at=args.stop_at)
     loaded.model.save_pretrained(args.out, safe_serialization=True)
     loaded.tokenizer.save_pretrained(args.out)
-    print(f"sft: {result.steps} steps, final loss {result.final_loss:.4f}; saved to {args.out}")
+    acc = f", eval accuracy {result.evals[-1][1]:.3f}" if result.evals else ""
+    print(f"sft: {result.steps} steps, final loss {result.final_loss:.4f}{acc}; saved to {args.out}")
+
+
+def cmd_data(args) -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from opd.tasks.builtin import builtin_split
+    from opd.tasks.data import save_jsonl
+
+    params = {}
+    for item in args.param or []:
+        key, _, value = item.partition("=")
+        params[key] = yaml.safe_load(value)
+    train, held_out = builtin_split(args.builtin, args.n_train, args.n_eval, args.seed, **params)
+    out = Path(args.out)
+    save_jsonl(out / "train.jsonl", train)
+    save_jsonl(out / "eval.jsonl", held_out)
+    print(f"wrote {len(train)} training and {len(held_out)} held-out rows of {args.builtin} to {out}")
 
 
 def cmd_eval(args) -> None:
@@ -90,6 +121,23 @@ def cmd_distill(args) -> None:
     cfg = load_config(args.config, args.set or [])
     summary = distill(cfg, resume=args.resume, progress=not args.no_progress, argv=sys.argv)
     print(json.dumps(summary, indent=2))
+
+
+def cmd_compare(args) -> None:
+    from opd.compare import compare, print_table
+    from opd.config import load_config
+
+    base = load_config(args.config, args.set or [])
+    overrides: dict[str, list[str]] = {}
+    for item in args.method_set or []:
+        method, sep, assignment = item.partition(":")
+        if not sep:
+            raise OpdError(f"--method-set expects METHOD:key=value, got {item!r}")
+        overrides.setdefault(method, []).append(assignment)
+    report = compare(base, [m.strip() for m in args.methods.split(",") if m.strip()], args.seeds, args.out,
+                     rl_budget=args.rl_budget, method_overrides=overrides, progress=not args.no_progress)
+    print_table(report)
+    print(f"wrote {args.out}/compare.json and {args.out}/compare.png")
 
 
 def cmd_demo(args) -> None:
@@ -127,8 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt-schema", default="{prompt}", help="format string with {prompt}, or 'chat'")
+    p.add_argument("--eval", default=None, help="held-out JSONL to evaluate on every --eval-every steps")
+    p.add_argument("--verifier", default="exact")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--stop-at", type=float, default=None, help="stop once eval accuracy reaches this")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("data", help="write a built-in task as train.jsonl + eval.jsonl")
+    p.add_argument("--builtin", required=True, help="addition | reverse_addition | running_sum | scratchpad_addition")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="task parameter, e.g. length=10")
+    p.add_argument("--n-train", type=int, default=20000)
+    p.add_argument("--n-eval", type=int, default=500)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("distill", help="run on-policy distillation from a YAML config")
     p.add_argument("config")
@@ -136,6 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in 'out'")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("compare", help="run methods (opd, sft, rl, mixed, opd+rl) at equal compute over seeds")
+    p.add_argument("config")
+    p.add_argument("--methods", default="opd,sft,rl")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", required=True)
+    p.add_argument("--rl-budget", type=float, default=10.0, help="RL FLOPs budget as a multiple of OPD's FLOPs to target")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--method-set", action="append", metavar="METHOD:KEY=VALUE",
+                   help="override for one method only, e.g. rl:train.lr=1e-4")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="greedy accuracy of a model on a JSONL task")
     p.add_argument("--model", required=True)
@@ -153,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="where the trained demo teacher is cached (default ~/.cache/opd)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    from opd.cli.inspect import add_parser as add_inspect_parser
+
+    add_inspect_parser(sub)
     return parser
 
 

@@ -42,7 +42,7 @@ def model_entry(loaded, revision, dtype) -> dict:
             "tokenizer_sha256": tokenizer_sha256(loaded.tokenizer)}
 
 
-def build_manifest(cfg, teacher, student, task, objective, argv=None) -> dict:
+def build_manifest(cfg, teacher, student, task, objective, filters, argv=None) -> dict:
     import torch
     import transformers
 
@@ -55,11 +55,13 @@ def build_manifest(cfg, teacher, student, task, objective, argv=None) -> dict:
                  "train_sha256": file_sha256(cfg.task.train) if cfg.task.train else None,
                  "eval_sha256": file_sha256(cfg.task.eval) if cfg.task.eval else None},
         "prompt_schema": {**task.schema.describe(), "hash": task.schema.schema_hash()},
-        "rollout": {"policy": "student (on-policy)", "batch_size": cfg.rollout.batch_size,
+        "rollout": {"policy": "teacher" if cfg.method.name == "sft" else "student (on-policy)" if cfg.method.name != "mixed" else f"student with p={cfg.method.lmbda}, else teacher", "batch_size": cfg.rollout.batch_size,
                     "samples_per_prompt": cfg.rollout.samples_per_prompt,
                     "max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.temperature,
                     "top_k": 0, "top_p": 1.0, "scored_until": "first EOS (inclusive)"},
-        "filters": [],  # no filter rules in this version: every rollout is trained on
+        "method": {"name": cfg.method.name, "lmbda": cfg.method.lmbda, "reward_weight": cfg.method.reward_weight,
+                   "traces": cfg.method.traces, "traces_sha256": file_sha256(cfg.method.traces) if cfg.method.traces else None},
+        "filters": filters.describe(),  # ordered rules; each rejected rollout is stored with its rule
         "objective": {"name": objective.name, "requested": cfg.objective.name, **objective.params},
         "seeds": {"train": cfg.train.seed, "task": cfg.task.seed},
         "code": code_version(),

@@ -7,7 +7,7 @@ answers) as the off-policy baseline.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,12 +42,18 @@ class SftResult:
     steps: int
     final_loss: float
     losses: list[float]
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, accuracy) when eval_fn is given
 
 
 def run_sft(model, tokenizer, examples, schema, *, steps: int, batch_size: int = 64, lr: float = 1e-3,
             warmup_steps: int = 100, weight_decay: float = 0.0, grad_clip: float = 1.0, seed: int = 0,
-            progress: bool = True, desc: str = "sft") -> SftResult:
-    """Train `model` in place for `steps` steps on random batches of `examples`."""
+            progress: bool = True, desc: str = "sft", eval_fn=None, eval_every: int = 0,
+            stop_at: float | None = None) -> SftResult:
+    """Train `model` in place for up to `steps` steps on random batches of `examples`.
+
+    With `eval_fn(model) -> accuracy` and `eval_every`, evaluates on that schedule and stops early
+    once accuracy reaches `stop_at` (how the comparison's deliberately imperfect teacher is made).
+    """
     from tqdm.auto import tqdm
 
     prompts = encode_prompts(examples, schema, tokenizer)
@@ -57,9 +63,9 @@ def run_sft(model, tokenizer, examples, schema, *, steps: int, batch_size: int =
     model.train()
     model.requires_grad_(True)
     optimizer, scheduler = make_optimizer(model, lr, weight_decay, warmup_steps)
-    losses = []
-    bar = tqdm(range(steps), desc=desc, disable=not progress)
-    for _ in bar:
+    losses, evals = [], []
+    bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress)
+    for step in bar:
         idx = [rng.randrange(len(examples)) for _ in range(batch_size)]
         batch = make_sft_batch([prompts[i] for i in idx], [answers[i] for i in idx], tokenizer.pad_token_id)
         loss = sft_loss(model, batch)
@@ -67,5 +73,10 @@ def run_sft(model, tokenizer, examples, schema, *, steps: int, batch_size: int =
         optimizer_step(model, optimizer, scheduler, grad_clip)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        if eval_fn is not None and eval_every and (step % eval_every == 0 or step == steps):
+            evals.append((step, eval_fn(model)))
+            model.train()
+            if stop_at is not None and evals[-1][1] >= stop_at:
+                break
     model.eval()
-    return SftResult(steps=steps, final_loss=losses[-1] if losses else float("nan"), losses=losses)
+    return SftResult(steps=len(losses), final_loss=losses[-1] if losses else float("nan"), losses=losses, evals=evals)

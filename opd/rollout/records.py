@@ -1,0 +1,39 @@
+"""Per-rollout records: what filters judge, what rewards use, and what the sample store keeps."""
+
+from __future__ import annotations
+
+import torch
+
+from opd.objectives.select import token_logprobs
+from opd.rollout.filters import RolloutView
+from opd.rollout.sampler import Batch, decode_completions
+
+
+def rollout_views(batch: Batch, tokenizer, examples, verifier, teacher_logits=None) -> list[RolloutView]:
+    """Decode, verify and attach the teacher's per-token log-probs to every rollout of a batch."""
+    masks = batch.completion_mask.bool()
+    t_lp = token_logprobs(teacher_logits, batch.completion_ids) if teacher_logits is not None else None
+    views = []
+    for b, ((text, well_formed), ex) in enumerate(zip(decode_completions(tokenizer, batch), examples)):
+        views.append(RolloutView(
+            prompt=ex.prompt, completion=text, token_ids=batch.completion_ids[b][masks[b]].tolist(),
+            truncated=bool(batch.truncated[b]), correct=bool(well_formed and verifier(text, ex.answer)),
+            teacher_logprobs=t_lp[b][masks[b]].tolist() if t_lp is not None else None))
+    return views
+
+
+def store_rows(step: int, policy_version: int, batch: Batch, examples, views, reasons, teacher: str) -> list[dict]:
+    """One sample-store row per rollout, kept or rejected (with the rule that rejected it)."""
+    masks = batch.completion_mask.bool()
+    return [{"step": step, "policy_version": policy_version, "task_tag": ex.tag, "prompt": v.prompt,
+             "completion": v.completion, "completion_ids": v.token_ids,
+             "student_logprobs": batch.sample_logprobs[b][masks[b]].tolist(),
+             "teacher_logprobs": v.teacher_logprobs or [], "kept": r is None, "reject_rule": r,
+             "correct": v.correct, "teacher": teacher, "truncated": v.truncated}
+            for b, (ex, v, r) in enumerate(zip(examples, views, reasons))]
+
+
+def select_rows(batch: Batch, keep: torch.Tensor) -> Batch:
+    """The rows of a batch where `keep` [B] is true."""
+    return Batch(*(t[keep] for t in (batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                     batch.completion_mask, batch.sample_logprobs, batch.truncated)))
