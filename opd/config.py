@@ -34,6 +34,8 @@ class TaskConfig:
     n_eval: int = 500  # built-in only: held-out prompts generated (disjoint from training)
     verifier: str = "exact"  # exact | numeric | regex:<pattern> | python:module:function
     prompt_schema: typing.Any = "{prompt}"  # format string, "chat" (tokenizer's chat template) or a dict
+    teacher_prompt_schema: typing.Any = None  # None = the teacher sees exactly the student's prompt
+    allow_schema_mismatch: bool = False  # a teacher/student prompt difference is an error unless this is true
     seed: int = 1234  # seed of the built-in generator
 
 
@@ -43,6 +45,10 @@ class RolloutConfig:
     samples_per_prompt: int = 1  # completions sampled per prompt
     max_new_tokens: int = 32  # completion budget; a completion without EOS is marked truncated
     temperature: float = 1.0  # sampling temperature; sampling is over the full vocabulary (no top-k/top-p)
+    # 0 = strictly on-policy. k > 0: rollouts for k+1 steps are sampled at once with the current weights
+    # and used over the next k+1 steps (policy lag 0..k, logged); the loss then carries a truncated
+    # importance weight min(p_S/p_sample, 2) per token. Checkpoints fall on multiples of k+1.
+    max_staleness: int = 0
 
 
 @dataclass
@@ -94,11 +100,21 @@ class EvalConfig:
 
 
 @dataclass
+class AnchorsConfig:
+    path: str | None = None  # JSONL of older or teacher traces (prompt/answer rows) kept as anchors
+    fraction: float = 0.0  # share of each batch's rows drawn from the anchors (the rest is sampled)
+
+
+@dataclass
 class DistillConfig:
     teacher: ModelConfig = field(default_factory=ModelConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    # several teachers routed by task tag: [{name, model, tasks: [tags] ("*" = the rest), dtype, prompt_schema}];
+    # when set, the `teacher` section is not used
+    teachers: list | None = None
     method: MethodConfig = field(default_factory=MethodConfig)
+    anchors: AnchorsConfig = field(default_factory=AnchorsConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -111,7 +127,7 @@ class DistillConfig:
 
 POSITIVE = {"train.max_nonfinite", "rollout.batch_size", "rollout.samples_per_prompt", "rollout.max_new_tokens", "train.steps",
             "train.eval_every", "eval.batch_size", "task.n_train", "task.n_eval"}
-NON_NEGATIVE = {"train.stop_at_accuracy", "train.max_flops", "train.eval_every_flops", "method.reward_weight", "train.warmup_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.micro_batch_size", "eval.limit", "eval.max_new_tokens",
+NON_NEGATIVE = {"rollout.max_staleness", "train.stop_at_accuracy", "train.max_flops", "train.eval_every_flops", "method.reward_weight", "train.warmup_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.micro_batch_size", "eval.limit", "eval.max_new_tokens",
                 "train.grad_clip", "train.weight_decay"}
 
 
@@ -211,8 +227,16 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     from opd.rollout.filters import build_filters
 
     build_filters(cfg.filters)  # unknown rules and bad parameters are config errors, before any model loads
-    if not cfg.teacher.model:
-        raise OpdError("teacher.model is required (a hub name or a local folder)")
+    if not cfg.teacher.model and not cfg.teachers:
+        raise OpdError("teacher.model is required (a hub name or a local folder), or a 'teachers' list")
+    if not 0.0 <= cfg.anchors.fraction < 1.0:
+        raise OpdError(f"anchors.fraction must be in [0, 1), got {cfg.anchors.fraction}")
+    if cfg.anchors.fraction > 0 and not cfg.anchors.path:
+        raise OpdError("anchors.fraction > 0 needs anchors.path (a JSONL of traces)")
+    block = cfg.rollout.max_staleness + 1
+    if cfg.train.checkpoint_every % block:
+        raise OpdError(f"train.checkpoint_every ({cfg.train.checkpoint_every}) must be a multiple of "
+                       f"rollout.max_staleness + 1 ({block}) so a resume starts a fresh rollout block")
     if not cfg.student.model:
         raise OpdError("student.model is required (a hub name or a local folder)")
     if not cfg.task.builtin and not (cfg.task.train and cfg.task.eval):

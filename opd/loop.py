@@ -14,12 +14,11 @@ uninterrupted run would have done.
 
 from __future__ import annotations
 
-import random
 import time
 
 import torch
 
-from opd.backends.hf import check_same_vocab, load_model
+from opd.backends.hf import load_model
 from opd.config import DistillConfig, save_config
 from opd.errors import OpdError
 from opd.eval.evaluate import evaluate
@@ -28,21 +27,16 @@ from opd.objectives.reward import group_advantages
 from opd.objectives.select import make_objective
 from opd.rollout.prompts import encode_answers, encode_prompts
 from opd.rollout.filters import build_filters
-from opd.rollout.records import rollout_views, select_rows, store_rows
-from opd.rollout.sampler import generate
+from opd.rollout.records import per_teacher_logprob, rollout_views, select_rows, store_rows
+from opd.rollout.producer import RolloutProducer
+from opd.rollout.teachers import TeacherPool, load_teachers
 from opd.store.manifest import build_manifest
 from opd.store.rundir import RunDir, read_jsonl
 from opd.store.samples import SampleStore, eval_rows
 from opd.tasks.data import load_jsonl
 from opd.tasks.loader import load_task
 from opd.train.optim import make_optimizer
-from opd.train.sft import make_sft_batch
-from opd.train.step import USES_REWARD, USES_TEACHER_SCORES, score, update
-
-
-def step_rng(seed: int, step: int) -> tuple[random.Random, torch.Generator]:
-    """Independent, reproducible randomness for one step (prompt choice, token sampling)."""
-    return random.Random(f"opd:{seed}:{step}"), torch.Generator().manual_seed(seed * 1_000_003 + step)
+from opd.train.step import USES_REWARD, USES_TEACHER_SCORES, update
 
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, argv=None) -> dict:
@@ -54,12 +48,12 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
     run.create(resume)
     method = cfg.method.name
     task = load_task(cfg.task)
-    teacher = load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, revision=cfg.teacher.revision)
     ckpt = run.latest_checkpoint() if resume else None
     student = load_model(str(ckpt[1]) if ckpt else cfg.student.model, revision=None if ckpt else cfg.student.revision,
                          trainable=True)
-    check_same_vocab(teacher.tokenizer, student.tokenizer)
     tok = student.tokenizer
+    teachers = TeacherPool(load_teachers(cfg, tok), task.schema, tok)
+    schema_check = teachers.check_schemas(task.train, cfg.task.allow_schema_mismatch)
     objective = make_objective(cfg.objective, teacher_has_logits=True)
     filters = build_filters(cfg.filters)
     samples = SampleStore(run.root)  # every rollout (kept or rejected, with its rule) and eval answer
@@ -67,13 +61,25 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
     pool = traces or task.train
     train_prompts = encode_prompts(pool, task.schema, tok)
     trace_answers = encode_answers(traces, tok) if traces else None
+    anchors = load_jsonl(cfg.anchors.path) if cfg.anchors.fraction > 0 else None
+    anchor_ids = (encode_prompts(anchors, task.schema, tok), encode_answers(anchors, tok)) if anchors else None
+    producer = RolloutProducer(cfg, pool, train_prompts, trace_answers, anchors, anchor_ids, student, teachers, tok)
     eval_set = task.eval[:cfg.eval.limit] if cfg.eval.limit else task.eval
     eval_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-    shapes = {"student": ModelShape.of(student.model), "teacher": ModelShape.of(teacher.model)}
+    shapes = {"student": ModelShape.of(student.model), **{t.name: ModelShape.of(t.loaded.model) for t in teachers.teachers}}
 
-    def run_eval(model, desc):
-        return evaluate(model, tok, eval_set, task.schema, task.verifier, max_new_tokens=eval_tokens,
+    def run_eval(model, desc, examples=eval_set):
+        return evaluate(model, tok, examples, task.schema, task.verifier, max_new_tokens=eval_tokens,
                         batch_size=cfg.eval.batch_size, progress=progress, desc=desc)
+
+    def teacher_accuracy() -> float:
+        """Each held-out prompt answered by the teacher of its task tag."""
+        correct = 0
+        for t in teachers.teachers:
+            mine = [ex for ex in eval_set if teachers.route(ex.tag) is t]
+            if mine:
+                correct += run_eval(t.loaded.model, f"eval {t.name}", mine).accuracy * len(mine)
+        return correct / len(eval_set)
 
     optimizer, scheduler = make_optimizer(student.model, cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps)
     start, flops = 0, 0.0
@@ -89,8 +95,9 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
         teacher_acc, student_before = before["teacher_accuracy"], before["accuracy"]
     else:
         save_config(cfg, run.root / "config.yaml")
-        run.write_json("manifest.json", build_manifest(cfg, teacher, student, task, objective, filters, argv))
-        teacher_acc = run_eval(teacher.model, "eval teacher").accuracy
+        run.write_json("manifest.json", build_manifest(cfg, teachers, student, task, objective, filters,
+                                                       schema_check, argv))
+        teacher_acc = teacher_accuracy()
         result = run_eval(student.model, "eval student")
         student_before = result.accuracy
         samples.add_evals(eval_rows(0, result.records))
@@ -104,27 +111,19 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
     bar = tqdm(range(start + 1, cfg.train.steps + 1), desc=method, disable=not progress,
                initial=start, total=cfg.train.steps)
     for step in bar:
-        rng, gen = step_rng(cfg.train.seed, step)
         torch.manual_seed(cfg.train.seed * 1_000_003 + step)  # dropout, if the model has any
         t0 = time.perf_counter()
-        picks = [rng.randrange(len(train_prompts)) for _ in range(cfg.rollout.batch_size)]
-        picks = [i for i in picks for _ in range(cfg.rollout.samples_per_prompt)]
-        prompts = [train_prompts[i] for i in picks]
-        teacher_samples = method == "sft" or (method == "mixed" and rng.random() >= cfg.method.lmbda)
-        if trace_answers is not None:                                                           # sample
-            batch = make_sft_batch(prompts, [trace_answers[i] for i in picks], tok.pad_token_id)
-        else:
-            sampler = teacher if teacher_samples else student
-            batch = generate(sampler.model, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                             greedy=teacher_samples and cfg.method.teacher_greedy, generator=gen)
+        rollouts = producer.get(step)                                                           # sample
+        batch, examples = rollouts.batch, rollouts.examples
+        lag = step - 1 - rollouts.policy_version
         t1 = time.perf_counter()
-        teacher_logits = score(teacher.model, batch) if method in USES_TEACHER_SCORES else None  # score
+        teacher_logits, teacher_names = teachers.score(batch, examples) if method in USES_TEACHER_SCORES \
+            else (None, [teachers.route(ex.tag).name for ex in examples])                       # score
         t2 = time.perf_counter()
-        examples = [pool[i] for i in picks]                                                     # filter
-        views = rollout_views(batch, tok, examples, task.verifier, teacher_logits)
+        views = rollout_views(batch, tok, examples, task.verifier, teacher_logits)              # filter
         reasons = filters.apply(views)
-        samples.add_rollouts(store_rows(step, step - 1, batch, examples, views, reasons, cfg.teacher.model))
+        samples.add_rollouts(store_rows(step, rollouts.policy_version, batch, examples, views, reasons,
+                                        teacher_names, rollouts.sources))
         rewards = torch.tensor([float(v.correct) for v in views])
         advantages = group_advantages(rewards, cfg.rollout.samples_per_prompt) if method in USES_REWARD else None
         keep = torch.tensor([r is None for r in reasons])
@@ -132,20 +131,24 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
             stats = update(student.model, optimizer, scheduler, objective, select_rows(batch, keep),  # update
                            teacher_logits[keep] if teacher_logits is not None else None, cfg.train,
                            method=method, advantages=advantages[keep] if advantages is not None else None,
-                           reward_weight=cfg.method.reward_weight)
+                           reward_weight=cfg.method.reward_weight, stale=lag > 0)
         else:  # every rollout was rejected: nothing to learn from, and not a numeric failure
             stats = {"loss": 0.0, "grad_norm": 0.0, "update_applied": False}
         t3 = time.perf_counter()
         p_lens = batch.prompt_mask.sum(1).tolist()
         c_lens = batch.completion_lengths().tolist()
+        sampled = [(s, p, c, n) for s, p, c, n in zip(rollouts.sources, p_lens, c_lens, teacher_names) if s != "anchor"]
         if trace_answers is None:
-            flops += generation_flops(shapes["teacher" if teacher_samples else "student"], p_lens, c_lens)
+            for s, p, c, n in sampled:
+                flops += generation_flops(shapes[n if s == "teacher" else "student"], [p], [c])
         if teacher_logits is not None:
-            flops += sequence_flops(shapes["teacher"], p_lens, c_lens)
+            for n, p, c in zip(teacher_names, p_lens, c_lens):
+                flops += sequence_flops(shapes[n], [p], [c])
         flops += sequence_flops(shapes["student"], p_lens, c_lens, train=True)
         record = {"step": step, **stats, "lr": scheduler.get_last_lr()[0], "flops": flops,
-                  "sampled_by": "teacher" if teacher_samples else "student", "train_reward": float(rewards.mean()),
-                  "kept": int(keep.sum()), **{f"reject/{k}": n for k, n in filters.reject_counts(reasons).items()},
+                  "sampled_by": "teacher" if rollouts.teacher_sampled else "student", "policy_lag": lag,
+                  "train_reward": float(rewards.mean()), "anchors": rollouts.sources.count("anchor"),
+                  "kept": int(keep.sum()), **per_teacher_logprob(views, teacher_names), **{f"reject/{k}": n for k, n in filters.reject_counts(reasons).items()},
                   "completion_len": sum(c_lens) / len(c_lens), "truncated_frac": float(batch.truncated.float().mean()),
                   "tokens_per_s": sum(c_lens) / (t3 - t0),
                   "time_sample_s": t1 - t0, "time_score_s": t2 - t1, "time_update_s": t3 - t2}

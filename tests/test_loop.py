@@ -9,12 +9,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import opd.loop as loop
+import opd.rollout.producer as producer_module
+import opd.rollout.teachers as teachers_module
 from opd.backends.hf import init_model, load_model, weights_sha256
 from opd.config import load_config
 from opd.objectives.select import make_objective
 from opd.rollout.sampler import Batch
 from opd.train.optim import make_optimizer
 from opd.train.sft import run_sft
+from opd.train.step import score
 from opd.tasks.data import load_jsonl
 from opd.tasks.schema import PromptSchema
 
@@ -67,7 +70,7 @@ def config(root, paths, dirs, *extra):
 def test_distill_moves_a_weak_student_to_the_teacher(task_and_models, monkeypatch):
     root, paths, dirs = task_and_models
     loaded, generated_by = {}, []
-    real_load, real_generate = loop.load_model, loop.generate
+    real_load, real_generate = loop.load_model, producer_module.generate
 
     def spy_load(name, **kw):
         m = real_load(name, **kw)
@@ -79,7 +82,8 @@ def test_distill_moves_a_weak_student_to_the_teacher(task_and_models, monkeypatc
         return real_generate(model, *a, **kw)
 
     monkeypatch.setattr(loop, "load_model", spy_load)
-    monkeypatch.setattr(loop, "generate", spy_generate)
+    monkeypatch.setattr(teachers_module, "load_model", spy_load)
+    monkeypatch.setattr(producer_module, "generate", spy_generate)
     cfg = config(root, paths, dirs, f"out={root / 'run-main'}")
     summary = loop.distill(cfg, progress=False)
 
@@ -170,7 +174,7 @@ def _grads(student, teacher, batch, objective_name="auto", micro=0):
     student.model.zero_grad()
     opt, sched = make_optimizer(student.model, lr=0.0)
     objective = make_objective(cfg.objective)
-    teacher_logits = loop.score(teacher.model, batch)
+    teacher_logits = score(teacher.model, batch)
     # lr=0: the update leaves weights alone but the gradients are computed (clipping off to compare raw)
     cfg.train.grad_clip = 0
     params = list(student.model.parameters())

@@ -5,13 +5,15 @@ import json
 import pytest
 
 import opd.loop as loop
+import opd.rollout.producer as producer_module
+import opd.rollout.teachers as teachers_module
 from opd.compare import compare, flops_to
 from tests.test_loop import config, task_and_models  # noqa: F401  (module fixture: teacher + weak student)
 
 
 def spy(monkeypatch):
     calls = {"generate": [], "score": 0}
-    real_generate, real_score = loop.generate, loop.score
+    real_generate, real_score = producer_module.generate, teachers_module.score
 
     def generate(model, *a, **kw):
         calls["generate"].append(model)
@@ -21,8 +23,8 @@ def spy(monkeypatch):
         calls["score"] += 1
         return real_score(*a, **kw)
 
-    monkeypatch.setattr(loop, "generate", generate)
-    monkeypatch.setattr(loop, "score", score)
+    monkeypatch.setattr(producer_module, "generate", generate)
+    monkeypatch.setattr(teachers_module, "score", score)
     return calls
 
 

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from opd.errors import OpdError
-from opd.objectives.divergences import DIVERGENCES
+from opd.objectives import divergences as D
+from opd.objectives.divergences import DIVERGENCES, masked_mean
 from opd.objectives.sampled import sampled_token_loss
 
 LOGIT_OBJECTIVES = tuple(DIVERGENCES)
+IS_CLIP = 2.0  # truncation of the per-token importance weight for stale rollouts
 NAMES = ("auto", "sampled_reverse_kl") + LOGIT_OBJECTIVES
 
 
@@ -37,15 +39,28 @@ class Objective:
 
     def loss(self, student_logits, teacher_logits, teacher_logprobs, completion_ids, mask, *,
              sampling_logprobs=None, normalizer=None) -> torch.Tensor:
-        """Scalar loss over one micro-batch; `normalizer` = completion tokens in the whole batch."""
+        """Scalar loss over one micro-batch; `normalizer` = completion tokens in the whole batch.
+
+        `sampling_logprobs` (given only for stale rollouts) adds a truncated importance weight
+        min(p_S(x)/p_sample(x), 2) per token: inside the sampled estimator, and as a detached
+        per-token weight on the exact divergences.
+        """
         temperature = self.params.get("temperature", 1.0)
         if self.name == "sampled_reverse_kl":
             student_lp = token_logprobs(student_logits, completion_ids, temperature)
+            if sampling_logprobs is not None:  # rows with no sampler (anchors) get weight 1
+                sampling_logprobs = torch.where(sampling_logprobs.isnan(), student_lp.detach(), sampling_logprobs)
             return sampled_token_loss(student_lp, teacher_logprobs, mask, sampling_logprobs=sampling_logprobs,
                                       clip=self.params["clip"], normalizer=normalizer)
         extra = {k: v for k, v in self.params.items() if k in ("beta", "alpha")}
-        return DIVERGENCES[self.name](student_logits, teacher_logits, mask, temperature=temperature,
-                                      normalizer=normalizer, **extra)
+        if sampling_logprobs is None:
+            return DIVERGENCES[self.name](student_logits, teacher_logits, mask, temperature=temperature,
+                                          normalizer=normalizer, **extra)
+        per_token = getattr(D, f"per_token_{self.name}")(student_logits, teacher_logits, temperature=temperature, **extra)
+        with torch.no_grad():
+            ratio = (token_logprobs(student_logits, completion_ids) - sampling_logprobs).exp().clamp(max=IS_CLIP)
+            ratio = torch.where(sampling_logprobs.isnan(), torch.ones_like(ratio), ratio)  # anchors: no sampler
+        return masked_mean(per_token * ratio, mask, normalizer)
 
 
 def make_objective(cfg, teacher_has_logits: bool = True) -> Objective:

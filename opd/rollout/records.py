@@ -22,14 +22,14 @@ def rollout_views(batch: Batch, tokenizer, examples, verifier, teacher_logits=No
     return views
 
 
-def store_rows(step: int, policy_version: int, batch: Batch, examples, views, reasons, teacher: str) -> list[dict]:
+def store_rows(step: int, policy_version: int, batch: Batch, examples, views, reasons, teachers, sources) -> list[dict]:
     """One sample-store row per rollout, kept or rejected (with the rule that rejected it)."""
     masks = batch.completion_mask.bool()
     return [{"step": step, "policy_version": policy_version, "task_tag": ex.tag, "prompt": v.prompt,
              "completion": v.completion, "completion_ids": v.token_ids,
              "student_logprobs": batch.sample_logprobs[b][masks[b]].tolist(),
              "teacher_logprobs": v.teacher_logprobs or [], "kept": r is None, "reject_rule": r,
-             "correct": v.correct, "teacher": teacher, "truncated": v.truncated}
+             "correct": v.correct, "teacher": teachers[b], "truncated": v.truncated, "source": sources[b]}
             for b, (ex, v, r) in enumerate(zip(examples, views, reasons))]
 
 
@@ -37,3 +37,14 @@ def select_rows(batch: Batch, keep: torch.Tensor) -> Batch:
     """The rows of a batch where `keep` [B] is true."""
     return Batch(*(t[keep] for t in (batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
                                      batch.completion_mask, batch.sample_logprobs, batch.truncated)))
+
+
+def per_teacher_logprob(views, teacher_names) -> dict[str, float]:
+    """Mean teacher log-prob per completion token, for each teacher (multi-teacher metrics)."""
+    sums: dict[str, list[float]] = {}
+    for v, name in zip(views, teacher_names):
+        if v.teacher_logprobs:
+            acc = sums.setdefault(name, [0.0, 0])
+            acc[0] += sum(v.teacher_logprobs)
+            acc[1] += len(v.teacher_logprobs)
+    return {f"teacher_logprob/{n}": s / max(c, 1) for n, (s, c) in sums.items()}

@@ -135,3 +135,27 @@ def decode_completions(tokenizer, batch: Batch) -> list[tuple[str, bool]]:
         ok = not trunc and not any(t in special for t in toks)
         results.append((tokenizer.decode(toks, skip_special_tokens=False), ok))
     return results
+
+
+def concat_batches(batches: list[Batch], pad_id: int) -> Batch:
+    """Stack batches row-wise, re-padding prompts on the left and completions on the right."""
+    if len(batches) == 1:
+        return batches[0]
+    width_p = max(b.prompt_ids.shape[1] for b in batches)
+    width_c = max(b.completion_ids.shape[1] for b in batches)
+
+    def pad(t, width, value, left):
+        extra = width - t.shape[1]
+        if extra == 0:
+            return t
+        filler = torch.full((t.shape[0], extra), value, dtype=t.dtype)
+        return torch.cat([filler, t] if left else [t, filler], dim=1)
+
+    return Batch(
+        prompt_ids=torch.cat([pad(b.prompt_ids, width_p, pad_id, True) for b in batches]),
+        prompt_mask=torch.cat([pad(b.prompt_mask, width_p, 0, True) for b in batches]),
+        completion_ids=torch.cat([pad(b.completion_ids, width_c, pad_id, False) for b in batches]),
+        completion_mask=torch.cat([pad(b.completion_mask, width_c, 0, False) for b in batches]),
+        sample_logprobs=torch.cat([pad(b.sample_logprobs, width_c, 0.0, False) for b in batches]),
+        truncated=torch.cat([b.truncated for b in batches]),
+    )

@@ -42,22 +42,28 @@ def model_entry(loaded, revision, dtype) -> dict:
             "tokenizer_sha256": tokenizer_sha256(loaded.tokenizer)}
 
 
-def build_manifest(cfg, teacher, student, task, objective, filters, argv=None) -> dict:
+def build_manifest(cfg, teachers, student, task, objective, filters, schema_check, argv=None) -> dict:
     import torch
     import transformers
 
     return {
-        "teacher": model_entry(teacher, cfg.teacher.revision, cfg.teacher.dtype),
+        "teacher": model_entry(teachers.teachers[0].loaded, cfg.teacher.revision, cfg.teacher.dtype),
+        "teachers": [{**model_entry(t.loaded, None, str(t.loaded.model.dtype)), "model": t.loaded.name,
+                      "name": t.name, "tasks": list(t.tasks)} for t in teachers.teachers],
         "student": model_entry(student, cfg.student.revision, cfg.student.dtype),
         "tokenizer": {"sha256": tokenizer_sha256(student.tokenizer), "vocab_size": len(student.tokenizer),
                       "eos": student.tokenizer.eos_token, "pad": student.tokenizer.pad_token},
         "task": {**task.describe(),
                  "train_sha256": file_sha256(cfg.task.train) if cfg.task.train else None,
                  "eval_sha256": file_sha256(cfg.task.eval) if cfg.task.eval else None},
-        "prompt_schema": {**task.schema.describe(), "hash": task.schema.schema_hash()},
+        "prompt_schema": {**task.schema.describe(), "hash": task.schema.schema_hash(), "teachers": schema_check,
+                          "allow_mismatch": cfg.task.allow_schema_mismatch},
         "rollout": {"policy": "teacher" if cfg.method.name == "sft" else "student (on-policy)" if cfg.method.name != "mixed" else f"student with p={cfg.method.lmbda}, else teacher", "batch_size": cfg.rollout.batch_size,
                     "samples_per_prompt": cfg.rollout.samples_per_prompt,
                     "max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.temperature,
+                    "max_staleness": cfg.rollout.max_staleness,
+                    "anchors": {"path": cfg.anchors.path, "fraction": cfg.anchors.fraction,
+                                "sha256": file_sha256(cfg.anchors.path) if cfg.anchors.path else None},
                     "top_k": 0, "top_p": 1.0, "scored_until": "first EOS (inclusive)"},
         "method": {"name": cfg.method.name, "lmbda": cfg.method.lmbda, "reward_weight": cfg.method.reward_weight,
                    "traces": cfg.method.traces, "traces_sha256": file_sha256(cfg.method.traces) if cfg.method.traces else None},

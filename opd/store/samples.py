@@ -41,6 +41,7 @@ def schema(table: str):
             pa.field("correct", pa.bool_()),
             pa.field("teacher", pa.string()),
             pa.field("truncated", pa.bool_()),
+            pa.field("source", pa.string()),  # student | teacher | anchor: who wrote the completion
         ])
     if table == "evals":
         return pa.schema([

@@ -26,7 +26,8 @@ def make_sft_batch(prompt_ids: list[list[int]], answer_ids: list[list[int]], pad
         c_ids[i, :len(ans)] = torch.tensor(ans, dtype=torch.long)
         c_mask[i, :len(ans)] = 1
     return Batch(prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids, completion_mask=c_mask,
-                 sample_logprobs=torch.zeros(c_ids.shape), truncated=torch.zeros(len(answer_ids), dtype=torch.bool))
+                 sample_logprobs=torch.full(c_ids.shape, float("nan")),  # no sampling policy
+                 truncated=torch.zeros(len(answer_ids), dtype=torch.bool))
 
 
 def sft_loss(model, batch: Batch, normalizer: float | None = None) -> torch.Tensor:

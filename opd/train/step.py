@@ -35,7 +35,7 @@ def _rows(batch: Batch, lo: int, hi: int) -> Batch:
 
 
 def update(student, optimizer, scheduler, objective, batch: Batch, teacher_logits, cfg, *,
-           method: str = "opd", advantages=None, reward_weight: float = 1.0) -> dict:
+           method: str = "opd", advantages=None, reward_weight: float = 1.0, stale: bool = False) -> dict:
     """One optimizer step, in micro-batches whose losses sum to the full-batch loss.
 
     Every loss is normalised by the completion-token count of the whole batch, so splitting into
@@ -57,7 +57,8 @@ def update(student, optimizer, scheduler, objective, batch: Batch, teacher_logit
             t_logits = teacher_logits[lo:lo + micro]
             t_lp = token_logprobs(t_logits, sub.completion_ids)
             if method in USES_TEACHER_SCORES:
-                loss = loss + objective.loss(s_logits, t_logits, t_lp, sub.completion_ids, mask, normalizer=n_tokens)
+                loss = loss + objective.loss(s_logits, t_logits, t_lp, sub.completion_ids, mask, normalizer=n_tokens,
+                                             sampling_logprobs=sub.sample_logprobs if stale else None)
             m = mask.float()
             kl_sum += float((per_token_reverse_kl(s_logits.detach(), t_logits) * m).sum())
             teacher_lp_sum += float((t_lp * m).sum())

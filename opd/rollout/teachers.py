@@ -1,0 +1,98 @@
+"""The teachers: one, or several routed by task tag (multi-teacher OPD, as in MOPD / verl / ROLL).
+
+Every rollout is scored by the teacher of its task tag. A teacher may render prompts with its own
+schema (e.g. a system prompt the student will not see in deployment); otherwise the schema check
+makes sure teacher and student see the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from opd.backends.hf import check_same_vocab, load_model
+from opd.errors import OpdError
+from opd.rollout.prompts import encode_prompts
+from opd.rollout.sampler import Batch, left_pad
+from opd.tasks.schema import PromptSchema
+from opd.train.step import score
+
+
+@dataclass
+class Teacher:
+    name: str
+    loaded: object  # LoadedModel
+    tasks: tuple  # task tags it scores; ("*",) = every tag without a teacher of its own
+    schema: PromptSchema | None  # None = the student's schema
+
+
+def load_teachers(cfg, student_tok) -> list[Teacher]:
+    """`teachers:` list (multi-teacher) or the single `teacher:` section."""
+    specs = cfg.teachers or [{"name": "teacher", "model": cfg.teacher.model, "tasks": ["*"],
+                              "dtype": cfg.teacher.dtype, "revision": cfg.teacher.revision}]
+    teachers = []
+    for i, spec in enumerate(specs):
+        unknown = set(spec) - {"name", "model", "tasks", "dtype", "revision", "prompt_schema"}
+        if unknown or "model" not in spec:
+            raise OpdError(f"teachers[{i}]: needs 'model' (and optional name, tasks, dtype, revision, "
+                           f"prompt_schema); unknown keys: {sorted(unknown)}")
+        loaded = load_model(str(spec["model"]), dtype=spec.get("dtype", "float32"), revision=spec.get("revision"))
+        check_same_vocab(loaded.tokenizer, student_tok)
+        schema = PromptSchema.from_spec(spec["prompt_schema"]) if spec.get("prompt_schema") else None
+        if schema is None and cfg.task.teacher_prompt_schema is not None:
+            schema = PromptSchema.from_spec(cfg.task.teacher_prompt_schema)
+        teachers.append(Teacher(name=str(spec.get("name", f"teacher{i}")), loaded=loaded,
+                                tasks=tuple(spec.get("tasks", ["*"])), schema=schema))
+    return teachers
+
+
+class TeacherPool:
+    """Routes task tags to teachers and scores a batch, each row by its own teacher."""
+
+    def __init__(self, teachers: list[Teacher], student_schema: PromptSchema, tokenizer):
+        self.teachers, self.student_schema, self.tokenizer = teachers, student_schema, tokenizer
+        self.by_tag = {tag: t for t in teachers for tag in t.tasks}
+
+    def route(self, tag: str) -> Teacher:
+        teacher = self.by_tag.get(tag) or self.by_tag.get("*")
+        if teacher is None:
+            raise OpdError(f"no teacher for task tag {tag!r} (teachers cover: {', '.join(sorted(self.by_tag))})")
+        return teacher
+
+    def check_schemas(self, examples, allow_mismatch: bool, n: int = 8) -> dict:
+        """Render a few prompts for student and each teacher; identical token ids, or an explicit opt-in."""
+        sample = examples[:n]
+        student_ids = encode_prompts(sample, self.student_schema, self.tokenizer)
+        report = {}
+        for t in self.teachers:
+            ids = encode_prompts(sample, t.schema or self.student_schema, t.loaded.tokenizer)
+            same = ids == student_ids
+            report[t.name] = {"identical": same, "hash": (t.schema or self.student_schema).schema_hash()}
+            if not same and not allow_mismatch:
+                bad = next(i for i, (a, b) in enumerate(zip(ids, student_ids)) if a != b)
+                raise OpdError(f"prompt schema mismatch: teacher {t.name!r} sees "
+                               f"{t.loaded.tokenizer.decode(ids[bad])!r} but the student sees "
+                               f"{self.tokenizer.decode(student_ids[bad])!r}; set task.allow_schema_mismatch: true "
+                               f"if the difference is on purpose")
+        return report
+
+    def score(self, batch: Batch, examples) -> tuple[torch.Tensor, list[str]]:
+        """Teacher logits [B,T,V] (each row from its tag's teacher) and the teacher name per row."""
+        names = [self.route(ex.tag).name for ex in examples]
+        logits = None
+        for t in self.teachers:
+            rows = [i for i, n in enumerate(names) if n == t.name]
+            if not rows:
+                continue
+            idx = torch.tensor(rows)
+            sub = Batch(*(x[idx] for x in (batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                                           batch.completion_mask, batch.sample_logprobs, batch.truncated)))
+            if t.schema is not None:  # the teacher reads its own rendering of the same prompt
+                ids = encode_prompts([examples[i] for i in rows], t.schema, t.loaded.tokenizer)
+                sub.prompt_ids, sub.prompt_mask = left_pad(ids, self.tokenizer.pad_token_id)
+            part = score(t.loaded.model, sub)
+            if logits is None:
+                logits = part.new_zeros((batch.completion_ids.shape[0], *part.shape[1:]))
+            logits[idx] = part
+        return logits, names
