@@ -48,7 +48,7 @@ class RolloutConfig:
     # 0 = strictly on-policy. k > 0: rollouts for k+1 steps are sampled at once with the current weights
     # and used over the next k+1 steps (policy lag 0..k, logged); the loss then carries a truncated
     # importance weight min(p_S/p_sample, 2) per token. Checkpoints fall on multiples of k+1.
-    max_staleness: int = 0
+    max_staleness: int = 0  # max policy lag (steps) of a rollout; 0 = strictly on-policy
 
 
 @dataclass
@@ -79,7 +79,7 @@ class TrainConfig:
     steps: int = 300  # optimizer steps (one rollout batch each)
     lr: float = 1e-3  # AdamW learning rate; ~1e-3 for tiny from-scratch models, 1e-5..1e-4 for pretrained
     warmup_steps: int = 20  # linear warm-up, then constant
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     max_nonfinite: int = 3  # a non-finite loss/gradient skips the update; abort after this many in a row
     micro_batch_size: int = 0  # rows per forward/backward (gradient accumulation); 0 = whole batch

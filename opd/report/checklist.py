@@ -81,13 +81,14 @@ def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def accuracies(run: RunFiles) -> dict[str, tuple[float, int] | None]:
     """(accuracy, n) of the teacher, the student before and after; from summary.json, else eval.jsonl."""
-    s, first = run.summary, run.evals[0] if run.evals else {}
+    first = run.evals[0] if run.evals else {}
     last = run.evals[-1] if len(run.evals) > 1 else {}
-    n = s.get("eval_n") or first.get("n") or 0
+    default_n = run.summary.get("eval_n") or first.get("n") or 0
 
-    def pick(key, line, line_key):
-        value = s.get(key, line.get(line_key))
-        return (float(value), int(line.get("n") or n)) if value is not None and (line.get("n") or n) else None
+    def pick(summary_key: str, line: dict, line_key: str):
+        value = run.summary.get(summary_key, line.get(line_key))
+        n = line.get("n") or default_n
+        return (float(value), int(n)) if value is not None and n else None
 
     return {"teacher": pick("teacher_accuracy", first, "teacher_accuracy"),
             "before": pick("student_accuracy_before", first, "accuracy"),

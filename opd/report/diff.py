@@ -86,7 +86,7 @@ def print_diff(rows: list[tuple], run_a: str = "a", run_b: str = "b", console=No
     for i, (key, va, vb) in enumerate(rows):
         d = delta(va, vb) if key.startswith("summary.") else None
         group_ends = i + 1 < len(rows) and rows[i + 1][0].split(".")[0] != key.split(".")[0]
-        table.add_row(Text(key), Text(_cell(va)), Text(_cell(vb)), "" if d is None else f"{d:+.4g}",
+        table.add_row(Text(key), Text(_cell(va)), Text(_cell(vb)), "" if d is None else f"{d:+.4g}" if d else "0",
                       end_section=group_ends)
     console.print(table)
 

@@ -85,7 +85,7 @@ def summary_section(run: RunFiles) -> str:
     base = acc["before"][0] if acc["before"] else None
     rows = []
     for key, label, model in (("teacher", "teacher", names["teacher"]), ("before", "student before (baseline)",
-                              names["student"]), ("after", "student after", "")):
+                              names["student"]), ("after", "student after", str(run.root / "student"))):
         if acc[key] is None:
             rows.append([escape(label), escape(model), "-", "-", "-", "-"])
             continue
@@ -120,7 +120,7 @@ def token_colour(gap: float) -> str:
     """Background for a token: red where the teacher gives it less log-prob than the student, green where more."""
     strength = min(abs(gap) / GAP_SCALE, 1.0)
     rgb = "207,34,46" if gap < 0 else "26,127,55"
-    return f"rgba({rgb},{0.08 + 0.72 * strength:.2f})" if strength > 0.02 else "transparent"
+    return f"rgba({rgb},{0.08 + 0.55 * strength:.2f})" if strength > 0.02 else "transparent"
 
 
 def tokens_html(row: dict, tokenizer) -> str:

@@ -11,7 +11,7 @@ def rollout(step, completion="12", kept=True, rule=None, correct=None, **kw):
     row = {"step": step, "policy_version": step - 1, "task_tag": "add", "prompt": "1+1=", "completion": completion,
            "completion_ids": [5, 6, 2], "student_logprobs": [-0.5, -1.0, -0.1],
            "teacher_logprobs": [-0.25, -3.0, -0.2], "kept": kept, "reject_rule": rule, "correct": correct,
-           "teacher": "runs/teacher", "truncated": False}
+           "teacher": "runs/teacher", "truncated": False, "source": "student"}
     return {**row, **kw}
 
 
