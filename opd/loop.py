@@ -127,12 +127,14 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
         rewards = torch.tensor([float(v.correct) for v in views])
         advantages = group_advantages(rewards, cfg.rollout.samples_per_prompt) if method in USES_REWARD else None
         keep = torch.tensor([r is None for r in reasons])
+        if method == "rl" and not advantages[keep].any():
+            keep[:] = False  # every group all right or all wrong: no signal; an Adam step on zeros still moves weights
         if keep.any():
             stats = update(student.model, optimizer, scheduler, objective, select_rows(batch, keep),  # update
                            teacher_logits[keep] if teacher_logits is not None else None, cfg.train,
                            method=method, advantages=advantages[keep] if advantages is not None else None,
                            reward_weight=cfg.method.reward_weight, stale=lag > 0)
-        else:  # every rollout was rejected: nothing to learn from, and not a numeric failure
+        else:  # every rollout rejected (or no reward signal): nothing to learn from, not a numeric failure
             stats = {"loss": 0.0, "grad_norm": 0.0, "update_applied": False}
         t3 = time.perf_counter()
         p_lens = batch.prompt_mask.sum(1).tolist()

@@ -85,7 +85,7 @@ def summary_section(run: RunFiles) -> str:
     base = acc["before"][0] if acc["before"] else None
     rows = []
     for key, label, model in (("teacher", "teacher", names["teacher"]), ("before", "student before (baseline)",
-                              names["student"]), ("after", "student after", str(run.root / "student"))):
+                              names["student"]), ("after", "student after", _final_model(run))):
         if acc[key] is None:
             rows.append([escape(label), escape(model), "-", "-", "-", "-"])
             continue
@@ -100,6 +100,10 @@ def summary_section(run: RunFiles) -> str:
     return ("<h2 id=\"summary\">Summary</h2>"
             + _table(["model", "name", "accuracy", "95% Wilson interval", "n", "Δ vs baseline"], rows, "summary")
             + f"<p>{facts_html or 'no summary.json yet (unfinished run)'}</p>")
+
+
+def _final_model(run: RunFiles) -> str:
+    return str(run.root / "student") if (run.root / "student").is_dir() else ""
 
 
 def _fmt(value) -> str:
