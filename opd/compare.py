@@ -56,6 +56,7 @@ def compare(base: DistillConfig, methods: list[str], seeds: int, out: str | Path
             cfg.method.name, cfg.train.seed = method, seed
             cfg.out = str(out / "runs" / f"{method}-seed{seed}")
             cfg.train.checkpoint_every = 0
+            cfg.logging.report = False  # one report per run would only slow the comparison down
             if eval_every_flops:
                 cfg.train.eval_every_flops = eval_every_flops
             if method == "rl":

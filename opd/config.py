@@ -100,6 +100,14 @@ class EvalConfig:
 
 
 @dataclass
+class LoggingConfig:
+    # metrics.jsonl / eval.jsonl stay the source of truth; these only mirror them
+    tensorboard: bool = False  # also write RUN/tensorboard event files (needs `pip install tensorboard`)
+    wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`; project from $WANDB_PROJECT)
+    report: bool = True  # write RUN/report.html (plots, samples, review checklist) at the end of the run
+
+
+@dataclass
 class AnchorsConfig:
     path: str | None = None  # JSONL of older or teacher traces (prompt/answer rows) kept as anchors
     fraction: float = 0.0  # share of each batch's rows drawn from the anchors (the rest is sampled)
@@ -119,6 +127,7 @@ class DistillConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     # ordered filter rules, e.g. [{rule: min_tokens, n: 1}, {rule: regex, pattern: "^[0-9]+$", must_match: true}];
     # the first rule that rejects a rollout is stored as its reason (see opd/rollout/filters.py)
     filters: list | None = None

@@ -19,7 +19,7 @@ import time
 import torch
 
 from opd.backends.hf import load_model
-from opd.config import DistillConfig, save_config
+from opd.config import DistillConfig, save_config, to_dict
 from opd.errors import OpdError
 from opd.eval.evaluate import evaluate
 from opd.flops import ModelShape, generation_flops, sequence_flops
@@ -32,6 +32,7 @@ from opd.rollout.producer import RolloutProducer
 from opd.rollout.teachers import TeacherPool, load_teachers
 from opd.store.manifest import build_manifest
 from opd.store.rundir import RunDir, read_jsonl
+from opd.store.tracking import Tracker
 from opd.store.samples import SampleStore, eval_rows
 from opd.tasks.data import load_jsonl
 from opd.tasks.loader import load_task
@@ -46,6 +47,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
     wall_start = time.time()
     run = RunDir(cfg.out)
     run.create(resume)
+    tracker = Tracker(run.root, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb, config=to_dict(cfg))
     method = cfg.method.name
     task = load_task(cfg.task)
     ckpt = run.latest_checkpoint() if resume else None
@@ -103,6 +105,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
         samples.add_evals(eval_rows(0, result.records))
         run.log_eval({"step": 0, "flops": 0.0, "accuracy": student_before, "teacher_accuracy": teacher_acc,
                       "n": len(eval_set)})
+        tracker.log(0, {"eval/accuracy": student_before, "eval/teacher_accuracy": teacher_acc})
 
     student.model.train()
     nonfinite_streak, next_eval_flops = 0, cfg.train.eval_every_flops
@@ -155,6 +158,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
                   "tokens_per_s": sum(c_lens) / (t3 - t0),
                   "time_sample_s": t1 - t0, "time_score_s": t2 - t1, "time_update_s": t3 - t2}
         run.log_metrics(record)                                                                 # log
+        tracker.log(step, record)
         bar.set_postfix(loss=f"{stats['loss']:.3f}", refresh=False)
         nonfinite_streak = 0 if stats["update_applied"] or not keep.any() else nonfinite_streak + 1
         if nonfinite_streak >= cfg.train.max_nonfinite:
@@ -170,6 +174,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
             run.log_eval({"step": step, "flops": flops, "accuracy": result.accuracy, "n": result.n,
                           "failures": [r for r in result.records if not r["correct"]][:20]})
             samples.add_evals(eval_rows(step, result.records))
+            tracker.log(step, {"eval/accuracy": result.accuracy})
             student.model.train()
             reached = bool(cfg.train.stop_at_accuracy) and result.accuracy >= cfg.train.stop_at_accuracy
             last_step = last_step or reached
@@ -193,4 +198,9 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
                "steps": final["step"], "flops": final.get("flops", flops), "objective": objective.name,
                "eval_n": len(eval_set), "wall_seconds": round(time.time() - wall_start, 2)}
     run.write_json("summary.json", summary)
+    tracker.close()
+    if cfg.logging.report:
+        from opd.report.html import write_report
+
+        write_report(run.root)  # RUN/report.html; also merges the review checklist into summary.json
     return summary

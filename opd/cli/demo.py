@@ -82,6 +82,9 @@ def run_demo(out: str = "runs/demo", cache_dir: str | None = None, progress: boo
         "rollout": {"batch_size": OPD["batch_size"], "max_new_tokens": OPD["max_new_tokens"]},
         "train": {"steps": OPD["steps"], "lr": OPD["lr"], "eval_every": OPD["eval_every"],
                   "checkpoint_every": 0},
+        # answers have at most 4 digits: a longer completion is off-task and is dropped (kept in the
+        # store with this rule's name, see `opd inspect runs/demo/run --rejected`)
+        "filters": [{"rule": "max_tokens", "n": 5, "name": "answer_too_long"}],
         "out": str(out_dir / "run"),
     })
     summary = distill(cfg, progress=progress)
@@ -98,5 +101,6 @@ def run_demo(out: str = "runs/demo", cache_dir: str | None = None, progress: boo
     console.print(table)
     gap = summary.get("gap_closed")
     console.print(f"gap closed: {gap:.0%}" if gap is not None else "gap closed: n/a (student not below teacher)")
-    console.print(f"total {total:.0f}s; run directory: {cfg.out}")
+    console.print(f"total {total:.0f}s; run directory: {cfg.out}; report: {Path(cfg.out) / 'report.html'}")
+    console.print(f"inspect: opd inspect {cfg.out} --rejected | --failures | --sql 'select ...'")
     return {**summary, "total_seconds": total, "run_dir": cfg.out}

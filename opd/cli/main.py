@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     from opd.cli.inspect import add_parser as add_inspect_parser
 
     add_inspect_parser(sub)
+    from opd.report.html import add_parsers as add_report_parsers
+
+    add_report_parsers(sub)
     return parser
 
 

@@ -17,6 +17,7 @@ from opd.errors import OpdError
 from opd.report.checklist import (FAILURES_ANCHOR, TITLES, RunFiles, accuracies, evaluate_checklist, load_run,
                                   merge_into_summary, wilson)
 from opd.report.plots import all_plots
+from opd.store.rundir import atomic_write_text
 
 SAMPLES_PER_EVAL = 4
 MAX_FAILURES = 20
@@ -56,8 +57,6 @@ def build_report(run_dir: str | Path) -> tuple[Path, dict]:
             f"<p class=\"muted\">{escape(str(run.root.resolve()))} · written by opd {escape(opd.__version__)}</p>\n"
             + "\n".join(sections) + "\n</body></html>\n")
     path = run.root / "report.html"
-    from opd.store.rundir import atomic_write_text
-
     atomic_write_text(path, page)
     return path, checklist
 

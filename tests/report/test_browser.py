@@ -6,7 +6,6 @@ skips silently). A deliberately broken page checks that console errors would be 
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -69,4 +68,3 @@ def test_a_page_error_would_be_caught(tmp_path):
     bad.write_text("<html><body><script>console.error('boom'); notDefined();</script></body></html>")
     done = chromium(bad, tmp_path, "--dump-dom")
     assert PAGE_ERROR.search(done.stderr) and "Uncaught ReferenceError" in done.stderr
-    shutil.rmtree(tmp_path / "profile-0", ignore_errors=True)

@@ -16,7 +16,6 @@ def test_disabled_tracker_does_nothing(tmp_path):
 
 
 def test_tensorboard_writes_the_scalars(tmp_path):
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tracker = Tracker(tmp_path, tensorboard=True, wandb=False, config={"train": {"lr": 1e-3}})
