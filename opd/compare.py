@@ -93,7 +93,7 @@ def compare(base: DistillConfig, methods: list[str], seeds: int, out: str | Path
 
 
 def plot(report: dict, path: Path) -> None:
-    """Accuracy vs cumulative FLOPs: one line per method (mean over seeds), band = min..max."""
+    """Accuracy vs cumulative FLOPs (log): one line per method (mean over seeds), band = min..max."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,6 +104,7 @@ def plot(report: dict, path: Path) -> None:
     for method, entry in report["methods"].items():
         curves = entry["curve"]
         grid = np.unique(np.concatenate([np.array(c)[:, 0] for c in curves]))
+        grid = grid[grid > 0]  # log axis: the start (0 FLOPs) is the first evaluation's left edge
         # carry each seed's last evaluated accuracy forward onto the common grid
         ys = np.stack([np.interp(grid, np.array(c)[:, 0], np.array(c)[:, 1], right=np.nan) for c in curves])
         ys = np.where(np.isnan(ys), np.nanmax(ys, axis=0, initial=0), ys)
@@ -111,10 +112,10 @@ def plot(report: dict, path: Path) -> None:
         ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())
     ax.axhline(report["target"], ls="--", c="gray", lw=1, label="90% of teacher")
     ax.axhline(report["teacher_accuracy"], ls=":", c="black", lw=1, label="teacher")
-    ax.set_xscale("symlog", linthresh=1e9)
+    ax.set_xscale("log")
     ax.set_xlabel("cumulative FLOPs (generation + teacher scoring + training)")
     ax.set_ylabel("held-out greedy accuracy")
-    ax.legend(loc="lower right")
+    ax.legend(loc="center left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -22,6 +22,9 @@ class ModelConfig:
     model: str = ""  # hub name or local folder, loaded with AutoModelForCausalLM.from_pretrained
     revision: str | None = None  # hub revision (branch, tag or commit); None = default branch
     dtype: str = "float32"  # float32 | bfloat16 | float16 (teacher only; the student trains in float32)
+    url: str | None = None  # teacher only: an `opd serve-teacher` or vLLM server instead of `model`
+    api_key_env: str | None = None  # environment variable holding the server's bearer token
+    top_k: int = 0  # remote teacher: top-k log-probs to request per position (0 = sampled tokens only)
 
 
 @dataclass
@@ -236,8 +239,11 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     from opd.rollout.filters import build_filters
 
     build_filters(cfg.filters)  # unknown rules and bad parameters are config errors, before any model loads
-    if not cfg.teacher.model and not cfg.teachers:
-        raise OpdError("teacher.model is required (a hub name or a local folder), or a 'teachers' list")
+    if not cfg.teacher.model and not cfg.teacher.url and not cfg.teachers:
+        raise OpdError("teacher.model is required (a hub name or a local folder), or teacher.url, or a 'teachers' list")
+    remote = bool(cfg.teacher.url) or any("url" in t for t in cfg.teachers or [] if isinstance(t, dict))
+    if remote and cfg.method.name in ("sft", "mixed"):
+        raise OpdError(f"method {cfg.method.name} needs the teacher to generate; a remote teacher only scores")
     if not 0.0 <= cfg.anchors.fraction < 1.0:
         raise OpdError(f"anchors.fraction must be in [0, 1), got {cfg.anchors.fraction}")
     if cfg.anchors.fraction > 0 and not cfg.anchors.path:

@@ -45,3 +45,17 @@ def generation_flops(shape: ModelShape, prompt_lens, completion_lens) -> float:
     for p, c in zip(prompt_lens, completion_lens):
         total += shape.forward_flops(p, p / 2) + shape.forward_flops(c, p + c / 2)
     return total
+
+
+def step_flops(shapes: dict, batch, sources: list[str], teacher_names: list[str], *, generated: bool,
+               scored: bool) -> float:
+    """One step: generation of the sampled rows (by whoever wrote them), teacher scoring, training."""
+    p_lens = batch.prompt_mask.sum(1).tolist()
+    c_lens = batch.completion_lengths().tolist()
+    total = sequence_flops(shapes["student"], p_lens, c_lens, train=True)
+    for src, name, p, c in zip(sources, teacher_names, p_lens, c_lens):
+        if generated and src != "anchor":
+            total += generation_flops(shapes[name if src == "teacher" else "student"], [p], [c])
+        if scored and name in shapes:  # a remote teacher's size is unknown: its FLOPs are not counted
+            total += sequence_flops(shapes[name], [p], [c])
+    return total

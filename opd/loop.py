@@ -22,12 +22,12 @@ from opd.backends.hf import load_model
 from opd.config import DistillConfig, save_config, to_dict
 from opd.errors import OpdError
 from opd.eval.evaluate import evaluate
-from opd.flops import ModelShape, generation_flops, sequence_flops
+from opd.flops import ModelShape, step_flops
 from opd.objectives.reward import group_advantages
 from opd.objectives.select import make_objective
 from opd.rollout.prompts import encode_answers, encode_prompts
 from opd.rollout.filters import build_filters
-from opd.rollout.records import per_teacher_logprob, rollout_views, select_rows, store_rows
+from opd.rollout.records import per_teacher_logprob, rollout_views, store_rows
 from opd.rollout.producer import RolloutProducer
 from opd.rollout.teachers import TeacherPool, load_teachers
 from opd.store.manifest import build_manifest
@@ -56,7 +56,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
     tok = student.tokenizer
     teachers = TeacherPool(load_teachers(cfg, tok), task.schema, tok)
     schema_check = teachers.check_schemas(task.train, cfg.task.allow_schema_mismatch)
-    objective = make_objective(cfg.objective, teacher_has_logits=True)
+    objective = make_objective(cfg.objective, teacher_has_logits=teachers.has_logits)
     filters = build_filters(cfg.filters)
     samples = SampleStore(run.root)  # every rollout (kept or rejected, with its rule) and eval answer
     traces = load_jsonl(cfg.method.traces) if cfg.method.traces else None
@@ -68,14 +68,17 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
     producer = RolloutProducer(cfg, pool, train_prompts, trace_answers, anchors, anchor_ids, student, teachers, tok)
     eval_set = task.eval[:cfg.eval.limit] if cfg.eval.limit else task.eval
     eval_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-    shapes = {"student": ModelShape.of(student.model), **{t.name: ModelShape.of(t.loaded.model) for t in teachers.teachers}}
+    shapes = {"student": ModelShape.of(student.model),
+              **{t.name: ModelShape.of(t.loaded.model) for t in teachers.teachers if t.loaded is not None}}
 
     def run_eval(model, desc, examples=eval_set):
         return evaluate(model, tok, examples, task.schema, task.verifier, max_new_tokens=eval_tokens,
                         batch_size=cfg.eval.batch_size, progress=progress, desc=desc)
 
-    def teacher_accuracy() -> float:
-        """Each held-out prompt answered by the teacher of its task tag."""
+    def teacher_accuracy() -> float | None:
+        """Each held-out prompt answered by the teacher of its task tag (unknown for a remote teacher)."""
+        if not teachers.has_logits:
+            return None
         correct = 0
         for t in teachers.teachers:
             mine = [ex for ex in eval_set if teachers.route(ex.tag) is t]
@@ -120,10 +123,10 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
         batch, examples = rollouts.batch, rollouts.examples
         lag = step - 1 - rollouts.policy_version
         t1 = time.perf_counter()
-        teacher_logits, teacher_names = teachers.score(batch, examples) if method in USES_TEACHER_SCORES \
-            else (None, [teachers.route(ex.tag).name for ex in examples])                       # score
+        teacher_logits, teacher_lp, teacher_names = teachers.score(batch, examples) if method in USES_TEACHER_SCORES \
+            else (None, None, [teachers.route(ex.tag).name for ex in examples])                 # score
         t2 = time.perf_counter()
-        views = rollout_views(batch, tok, examples, task.verifier, teacher_logits)              # filter
+        views = rollout_views(batch, tok, examples, task.verifier, teacher_lp)                  # filter
         reasons = filters.apply(views)
         samples.add_rollouts(store_rows(step, rollouts.policy_version, batch, examples, views, reasons,
                                         teacher_names, rollouts.sources))
@@ -133,27 +136,22 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
         if method == "rl" and not advantages[keep].any():
             keep[:] = False  # every group all right or all wrong: no signal; an Adam step on zeros still moves weights
         if keep.any():
-            stats = update(student.model, optimizer, scheduler, objective, select_rows(batch, keep),  # update
+            stats = update(student.model, optimizer, scheduler, objective, batch.rows(keep),  # update
                            teacher_logits[keep] if teacher_logits is not None else None, cfg.train,
+                           teacher_logprobs=teacher_lp[keep] if teacher_lp is not None else None,
                            method=method, advantages=advantages[keep] if advantages is not None else None,
                            reward_weight=cfg.method.reward_weight, stale=lag > 0)
         else:  # every rollout rejected (or no reward signal): nothing to learn from, not a numeric failure
             stats = {"loss": 0.0, "grad_norm": 0.0, "update_applied": False}
         t3 = time.perf_counter()
-        p_lens = batch.prompt_mask.sum(1).tolist()
+        flops += step_flops(shapes, batch, rollouts.sources, teacher_names, generated=trace_answers is None,
+                            scored=teacher_lp is not None)
         c_lens = batch.completion_lengths().tolist()
-        sampled = [(s, p, c, n) for s, p, c, n in zip(rollouts.sources, p_lens, c_lens, teacher_names) if s != "anchor"]
-        if trace_answers is None:
-            for s, p, c, n in sampled:
-                flops += generation_flops(shapes[n if s == "teacher" else "student"], [p], [c])
-        if teacher_logits is not None:
-            for n, p, c in zip(teacher_names, p_lens, c_lens):
-                flops += sequence_flops(shapes[n], [p], [c])
-        flops += sequence_flops(shapes["student"], p_lens, c_lens, train=True)
         record = {"step": step, **stats, "lr": scheduler.get_last_lr()[0], "flops": flops,
                   "sampled_by": "teacher" if rollouts.teacher_sampled else "student", "policy_lag": lag,
                   "train_reward": float(rewards.mean()), "anchors": rollouts.sources.count("anchor"),
-                  "kept": int(keep.sum()), **per_teacher_logprob(views, teacher_names), **{f"reject/{k}": n for k, n in filters.reject_counts(reasons).items()},
+                  "kept": int(keep.sum()), **per_teacher_logprob(views, teacher_names),
+                  **{f"reject/{k}": n for k, n in filters.reject_counts(reasons).items()},
                   "completion_len": sum(c_lens) / len(c_lens), "truncated_frac": float(batch.truncated.float().mean()),
                   "tokens_per_s": sum(c_lens) / (t3 - t0),
                   "time_sample_s": t1 - t0, "time_score_s": t2 - t1, "time_update_s": t3 - t2}
@@ -191,7 +189,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
     samples.flush(final["step"])
     student.model.save_pretrained(run.root / "student", safe_serialization=True)
     tok.save_pretrained(run.root / "student")
-    gap = teacher_acc - student_before
+    gap = teacher_acc - student_before if teacher_acc is not None else 0
     after = final["accuracy"]
     summary = {"method": method, "teacher_accuracy": teacher_acc, "student_accuracy_before": student_before,
                "student_accuracy_after": after, "gap_closed": (after - student_before) / gap if gap > 0 else None,

@@ -1,4 +1,4 @@
-"""`opd` command line: init-model, sft, distill, eval, demo.
+"""`opd` command line: init-model, data, sft, distill, eval, compare, inspect, report, diff, serve-teacher, demo.
 
 Errors in the user's input end in one line on stderr and exit code 2 (a traceback only with --debug).
 """
@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     from opd.report.html import add_parsers as add_report_parsers
 
     add_report_parsers(sub)
+    from opd.backends.server import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

@@ -90,5 +90,4 @@ class RolloutProducer:
         batch = concat_batches(parts, self.tok.pad_token_id)
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
-        return Batch(*(x[inverse] for x in (batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                            batch.completion_mask, batch.sample_logprobs, batch.truncated)))
+        return batch.rows(inverse)

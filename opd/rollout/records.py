@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import torch
-
-from opd.objectives.select import token_logprobs
 from opd.rollout.filters import RolloutView
 from opd.rollout.sampler import Batch, decode_completions
 
-
-def rollout_views(batch: Batch, tokenizer, examples, verifier, teacher_logits=None) -> list[RolloutView]:
-    """Decode, verify and attach the teacher's per-token log-probs to every rollout of a batch."""
+def rollout_views(batch: Batch, tokenizer, examples, verifier, teacher_logprobs=None) -> list[RolloutView]:
+    """Decode, verify and attach the teacher's per-token log-probs [B,T] to every rollout of a batch."""
     masks = batch.completion_mask.bool()
-    t_lp = token_logprobs(teacher_logits, batch.completion_ids) if teacher_logits is not None else None
+    t_lp = teacher_logprobs
     views = []
     for b, ((text, well_formed), ex) in enumerate(zip(decode_completions(tokenizer, batch), examples)):
         views.append(RolloutView(
@@ -20,7 +16,6 @@ def rollout_views(batch: Batch, tokenizer, examples, verifier, teacher_logits=No
             truncated=bool(batch.truncated[b]), correct=bool(well_formed and verifier(text, ex.answer)),
             teacher_logprobs=t_lp[b][masks[b]].tolist() if t_lp is not None else None))
     return views
-
 
 def store_rows(step: int, policy_version: int, batch: Batch, examples, views, reasons, teachers, sources) -> list[dict]:
     """One sample-store row per rollout, kept or rejected (with the rule that rejected it)."""
@@ -31,13 +26,6 @@ def store_rows(step: int, policy_version: int, batch: Batch, examples, views, re
              "teacher_logprobs": v.teacher_logprobs or [], "kept": r is None, "reject_rule": r,
              "correct": v.correct, "teacher": teachers[b], "truncated": v.truncated, "source": sources[b]}
             for b, (ex, v, r) in enumerate(zip(examples, views, reasons))]
-
-
-def select_rows(batch: Batch, keep: torch.Tensor) -> Batch:
-    """The rows of a batch where `keep` [B] is true."""
-    return Batch(*(t[keep] for t in (batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                     batch.completion_mask, batch.sample_logprobs, batch.truncated)))
-
 
 def per_teacher_logprob(views, teacher_names) -> dict[str, float]:
     """Mean teacher log-prob per completion token, for each teacher (multi-teacher metrics)."""

@@ -9,6 +9,7 @@ for free (the PAD exploit).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
@@ -40,6 +41,10 @@ class Batch:
 
     def completion_lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(dim=1)
+
+    def rows(self, index) -> "Batch":
+        """The rows selected by `index` (a slice, a bool mask [B] or a tensor of row numbers)."""
+        return Batch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,27 +16,38 @@ from opd.errors import OpdError
 from opd.rollout.prompts import encode_prompts
 from opd.rollout.sampler import Batch, left_pad
 from opd.tasks.schema import PromptSchema
+from opd.objectives.select import token_logprobs
 from opd.train.step import score
 
 
 @dataclass
 class Teacher:
     name: str
-    loaded: object  # LoadedModel
+    loaded: object  # LoadedModel, or None for a remote teacher
     tasks: tuple  # task tags it scores; ("*",) = every tag without a teacher of its own
     schema: PromptSchema | None  # None = the student's schema
+    remote: object = None  # RemoteTeacher (scores token ids over HTTP; returns log-probs, not logits)
 
 
 def load_teachers(cfg, student_tok) -> list[Teacher]:
     """`teachers:` list (multi-teacher) or the single `teacher:` section."""
-    specs = cfg.teachers or [{"name": "teacher", "model": cfg.teacher.model, "tasks": ["*"],
-                              "dtype": cfg.teacher.dtype, "revision": cfg.teacher.revision}]
+    single = {"name": "teacher", "tasks": ["*"], "dtype": cfg.teacher.dtype, "revision": cfg.teacher.revision}
+    if cfg.teacher.url:
+        single.update(url=cfg.teacher.url, api_key_env=cfg.teacher.api_key_env, top_k=cfg.teacher.top_k)
+    else:
+        single["model"] = cfg.teacher.model
+    specs = cfg.teachers or [single]
     teachers = []
     for i, spec in enumerate(specs):
-        unknown = set(spec) - {"name", "model", "tasks", "dtype", "revision", "prompt_schema"}
-        if unknown or "model" not in spec:
-            raise OpdError(f"teachers[{i}]: needs 'model' (and optional name, tasks, dtype, revision, "
-                           f"prompt_schema); unknown keys: {sorted(unknown)}")
+        unknown = set(spec) - {"name", "model", "url", "api_key_env", "top_k", "tasks", "dtype", "revision",
+                               "prompt_schema"}
+        if unknown or ("model" in spec) == ("url" in spec):
+            raise OpdError(f"teachers[{i}]: needs 'model' or 'url' (and optional name, tasks, dtype, revision, "
+                           f"prompt_schema, api_key_env, top_k); unknown keys: {sorted(unknown)}")
+        if "url" in spec:
+            teachers.append(Teacher(name=str(spec.get("name", f"teacher{i}")), loaded=None,
+                                    tasks=tuple(spec.get("tasks", ["*"])), schema=None, remote=_remote(spec)))
+            continue
         loaded = load_model(str(spec["model"]), dtype=spec.get("dtype", "float32"), revision=spec.get("revision"))
         check_same_vocab(loaded.tokenizer, student_tok)
         schema = PromptSchema.from_spec(spec["prompt_schema"]) if spec.get("prompt_schema") else None
@@ -47,12 +58,25 @@ def load_teachers(cfg, student_tok) -> list[Teacher]:
     return teachers
 
 
+def _remote(spec: dict):
+    import os
+
+    from opd.backends.remote import RemoteTeacher
+
+    key_env = spec.get("api_key_env")
+    if key_env and key_env not in os.environ:
+        raise OpdError(f"teacher api_key_env {key_env!r} is not set in the environment")
+    return RemoteTeacher(spec["url"], api_key=os.environ.get(key_env) if key_env else None,
+                         top_k=int(spec.get("top_k") or 0))
+
+
 class TeacherPool:
     """Routes task tags to teachers and scores a batch, each row by its own teacher."""
 
     def __init__(self, teachers: list[Teacher], student_schema: PromptSchema, tokenizer):
         self.teachers, self.student_schema, self.tokenizer = teachers, student_schema, tokenizer
         self.by_tag = {tag: t for t in teachers for tag in t.tasks}
+        self.has_logits = all(t.remote is None for t in teachers)  # remote teachers return log-probs only
 
     def route(self, tag: str) -> Teacher:
         teacher = self.by_tag.get(tag) or self.by_tag.get("*")
@@ -66,6 +90,9 @@ class TeacherPool:
         student_ids = encode_prompts(sample, self.student_schema, self.tokenizer)
         report = {}
         for t in self.teachers:
+            if t.remote is not None:  # it is sent the student's token ids: identical by construction
+                report[t.name] = {"identical": True, "hash": self.student_schema.schema_hash(), "remote": t.remote.url}
+                continue
             ids = encode_prompts(sample, t.schema or self.student_schema, t.loaded.tokenizer)
             same = ids == student_ids
             report[t.name] = {"identical": same, "hash": (t.schema or self.student_schema).schema_hash()}
@@ -77,22 +104,42 @@ class TeacherPool:
                                f"if the difference is on purpose")
         return report
 
-    def score(self, batch: Batch, examples) -> tuple[torch.Tensor, list[str]]:
-        """Teacher logits [B,T,V] (each row from its tag's teacher) and the teacher name per row."""
+    def score(self, batch: Batch, examples) -> tuple[torch.Tensor | None, torch.Tensor, list[str]]:
+        """Each row scored by its tag's teacher: logits [B,T,V] (None if any teacher is remote),
+        log-probs of the sampled tokens [B,T], and the teacher name per row."""
         names = [self.route(ex.tag).name for ex in examples]
-        logits = None
+        logits, logprobs = None, torch.zeros(batch.completion_ids.shape)
         for t in self.teachers:
             rows = [i for i, n in enumerate(names) if n == t.name]
             if not rows:
                 continue
             idx = torch.tensor(rows)
-            sub = Batch(*(x[idx] for x in (batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                           batch.completion_mask, batch.sample_logprobs, batch.truncated)))
+            sub = batch.rows(idx)
+            if t.remote is not None:
+                logprobs[idx] = self._score_remote(t.remote, sub)
+                continue
             if t.schema is not None:  # the teacher reads its own rendering of the same prompt
                 ids = encode_prompts([examples[i] for i in rows], t.schema, t.loaded.tokenizer)
                 sub.prompt_ids, sub.prompt_mask = left_pad(ids, self.tokenizer.pad_token_id)
             part = score(t.loaded.model, sub)
-            if logits is None:
-                logits = part.new_zeros((batch.completion_ids.shape[0], *part.shape[1:]))
-            logits[idx] = part
-        return logits, names
+            logprobs[idx] = token_logprobs(part, sub.completion_ids)
+            if self.has_logits:
+                if logits is None:
+                    logits = part.new_zeros((batch.completion_ids.shape[0], *part.shape[1:]))
+                logits[idx] = part
+        return logits, logprobs * batch.completion_mask, names
+
+    @staticmethod
+    def _score_remote(remote, sub: Batch) -> torch.Tensor:
+        """Send prompt + completion token ids (no padding) and place the answer into [b, T]."""
+        seqs, starts = [], []
+        for p_ids, p_mask, c_ids, c_mask in zip(sub.prompt_ids.tolist(), sub.prompt_mask.tolist(),
+                                                sub.completion_ids.tolist(), sub.completion_mask.tolist()):
+            prompt = [t for t, m in zip(p_ids, p_mask) if m]
+            seqs.append(prompt + [t for t, m in zip(c_ids, c_mask) if m])
+            starts.append(len(prompt))
+        lps, _ = remote.score_tokens(seqs, starts)
+        out = torch.zeros(sub.completion_ids.shape)
+        for i, lp in enumerate(lps):
+            out[i, :len(lp)] = torch.tensor(lp)
+        return out

@@ -42,14 +42,29 @@ def model_entry(loaded, revision, dtype) -> dict:
             "tokenizer_sha256": tokenizer_sha256(loaded.tokenizer)}
 
 
+def teacher_entry(teacher, revision, dtype) -> dict:
+    if teacher.remote is not None:  # weights are not visible from here: record where it was served
+        return {"name": teacher.remote.url, "url": teacher.remote.url, "top_k": teacher.remote.top_k,
+                "weights_sha256": None, "health": _health(teacher.remote)}
+    return {**model_entry(teacher.loaded, revision, dtype or str(teacher.loaded.model.dtype)),
+            "model": teacher.loaded.name}
+
+
+def _health(remote):
+    try:
+        return remote.health()
+    except Exception as exc:  # noqa: BLE001 - the manifest records, it does not fail the run
+        return {"error": str(exc)}
+
+
 def build_manifest(cfg, teachers, student, task, objective, filters, schema_check, argv=None) -> dict:
     import torch
     import transformers
 
     return {
-        "teacher": model_entry(teachers.teachers[0].loaded, cfg.teacher.revision, cfg.teacher.dtype),
-        "teachers": [{**model_entry(t.loaded, None, str(t.loaded.model.dtype)), "model": t.loaded.name,
-                      "name": t.name, "tasks": list(t.tasks)} for t in teachers.teachers],
+        "teacher": teacher_entry(teachers.teachers[0], cfg.teacher.revision, cfg.teacher.dtype),
+        "teachers": [{**teacher_entry(t, None, None), "name": t.name, "tasks": list(t.tasks)}
+                     for t in teachers.teachers],
         "student": model_entry(student, cfg.student.revision, cfg.student.dtype),
         "tokenizer": {"sha256": tokenizer_sha256(student.tokenizer), "vocab_size": len(student.tokenizer),
                       "eos": student.tokenizer.eos_token, "pad": student.tokenizer.pad_token},

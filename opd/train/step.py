@@ -14,6 +14,7 @@ import torch
 
 from opd.objectives.divergences import per_token_reverse_kl
 from opd.objectives.reward import policy_gradient_loss
+from opd.objectives.sampled import k3
 from opd.objectives.select import token_logprobs
 from opd.rollout.sampler import Batch, completion_logits
 from opd.train.optim import optimizer_step
@@ -29,12 +30,7 @@ def score(teacher, batch: Batch) -> torch.Tensor:
     return completion_logits(teacher, batch).float()
 
 
-def _rows(batch: Batch, lo: int, hi: int) -> Batch:
-    return Batch(*(t[lo:hi] for t in (batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                                      batch.completion_mask, batch.sample_logprobs, batch.truncated)))
-
-
-def update(student, optimizer, scheduler, objective, batch: Batch, teacher_logits, cfg, *,
+def update(student, optimizer, scheduler, objective, batch: Batch, teacher_logits, cfg, *, teacher_logprobs=None,
            method: str = "opd", advantages=None, reward_weight: float = 1.0, stale: bool = False) -> dict:
     """One optimizer step, in micro-batches whose losses sum to the full-batch loss.
 
@@ -46,21 +42,26 @@ def update(student, optimizer, scheduler, objective, batch: Batch, teacher_logit
     micro = cfg.micro_batch_size or rows
     total_loss, kl_sum, teacher_lp_sum = 0.0, 0.0, 0.0
     for lo in range(0, rows, micro):
-        sub = _rows(batch, lo, lo + micro)
+        sub = batch.rows(slice(lo, lo + micro))
         mask = sub.completion_mask
         s_logits = completion_logits(student, sub)
         s_lp = token_logprobs(s_logits, sub.completion_ids)
         loss = s_logits.new_zeros(())
         if method == "sft":
             loss = -(s_lp * mask).sum() / n_tokens
-        if teacher_logits is not None:
-            t_logits = teacher_logits[lo:lo + micro]
-            t_lp = token_logprobs(t_logits, sub.completion_ids)
+        if teacher_logits is not None or teacher_logprobs is not None:
+            t_logits = teacher_logits[lo:lo + micro] if teacher_logits is not None else None
+            t_lp = token_logprobs(t_logits, sub.completion_ids) if t_logits is not None \
+                else teacher_logprobs[lo:lo + micro]
             if method in USES_TEACHER_SCORES:
                 loss = loss + objective.loss(s_logits, t_logits, t_lp, sub.completion_ids, mask, normalizer=n_tokens,
                                              sampling_logprobs=sub.sample_logprobs if stale else None)
             m = mask.float()
-            kl_sum += float((per_token_reverse_kl(s_logits.detach(), t_logits) * m).sum())
+            if t_logits is not None:  # exact per-token KL; with log-probs only, the k3 estimate
+                kl = per_token_reverse_kl(s_logits.detach(), t_logits)
+            else:
+                kl = k3(s_lp.detach(), t_lp)
+            kl_sum += float((kl * m).sum())
             teacher_lp_sum += float((t_lp * m).sum())
         if method in USES_REWARD:
             weight = 1.0 if method == "rl" else reward_weight
@@ -69,6 +70,6 @@ def update(student, optimizer, scheduler, objective, batch: Batch, teacher_logit
         total_loss += loss.item()
     grad_norm, applied = optimizer_step(student, optimizer, scheduler, cfg.grad_clip)
     stats = {"loss": total_loss, "grad_norm": grad_norm, "update_applied": applied}
-    if teacher_logits is not None:
+    if teacher_logits is not None or teacher_logprobs is not None:
         stats.update(reverse_kl=kl_sum / n_tokens, teacher_logprob=teacher_lp_sum / n_tokens)
     return stats

@@ -1,0 +1,172 @@
+"""The teacher server and its client over real HTTP on 127.0.0.1 (server in a subprocess)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import httpx  # noqa: E402  (the dev extra installs fastapi, uvicorn and httpx)
+
+from opd.backends.remote import RemoteTeacher  # noqa: E402
+from opd.backends.server import serve  # noqa: E402
+from opd.errors import OpdError  # noqa: E402
+
+TOKEN = "s3cret"
+START = ("import sys; from opd.backends.server import serve; "
+         "serve(sys.argv[1], port=int(sys.argv[2]), token=sys.argv[3] or None)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir, port: int, token: str | None) -> subprocess.Popen:
+    """Start `serve` in a subprocess and wait until /health answers."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-c", START, str(model_dir), str(port), token or ""], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", headers=headers, timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start within 120 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait()
+    proc.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from opd.backends.hf import init_model
+
+    return init_model("qwen3", 1, 32, 2, ["abc=0123456789+"], tmp_path_factory.mktemp("srv") / "m", seed=0)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    port = free_port()
+    proc = start_server(model_dir, port, TOKEN)
+    yield f"http://127.0.0.1:{port}"
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def direct(model_dir):
+    """log_softmax of an unpadded forward pass, row j predicting token j + 1."""
+    from opd.backends.hf import load_model
+
+    model = load_model(str(model_dir)).model
+
+    def logprobs(seq):
+        with torch.inference_mode():
+            return torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0].float(), dim=-1)
+    return logprobs
+
+
+SEQS = [[1, 4, 5, 6, 7, 8, 9, 10, 11, 12], [1, 6, 5, 4]]  # different lengths: the short one is padded
+
+
+def post(url, body, token=TOKEN):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=30)
+
+
+def test_logprobs_match_direct_pass(server, direct):
+    k = 3
+    resp = post(server, {"prompt": SEQS, "max_tokens": 0, "echo": True, "logprobs": k, "prompt_logprobs": k})
+    assert resp.status_code == 200, resp.text
+    choices = resp.json()["choices"]
+    for seq, choice in zip(SEQS, choices):
+        ref = direct(seq)
+        assert choice["token_ids"] == seq
+        lps = choice["logprobs"]["token_logprobs"]
+        assert lps[0] is None and len(lps) == len(seq)
+        expected = [ref[j - 1, seq[j]].item() for j in range(1, len(seq))]
+        assert lps[1:] == pytest.approx(expected, abs=1e-5)
+        for j in range(1, len(seq)):
+            best_lp, best_id = ref[j - 1].topk(k)
+            top = choice["logprobs"]["top_logprobs"][j]
+            assert len(top) == k and sorted(top.values()) == pytest.approx(sorted(best_lp.tolist()), abs=1e-5)
+            vllm = choice["prompt_logprobs"][j]
+            assert {int(t) for t, v in vllm.items() if v["rank"] <= k} == set(best_id.tolist())
+            assert vllm[str(seq[j])]["logprob"] == pytest.approx(expected[j - 1], abs=1e-5)
+
+
+def test_string_prompt_and_generation_refused(server):
+    resp = post(server, {"prompt": "abc", "max_tokens": 0, "echo": True, "logprobs": 1})
+    assert resp.status_code == 200 and resp.json()["choices"][0]["text"].endswith("abc")
+    resp = post(server, {"prompt": "abc", "max_tokens": 5, "echo": True})
+    assert resp.status_code == 400 and "only scores" in resp.json()["error"]["message"]
+
+
+def test_token_required(server):
+    body = {"prompt": SEQS, "max_tokens": 0, "echo": True}
+    assert post(server, body, token=None).status_code == 401
+    assert post(server, body, token="wrong").status_code == 401
+    assert httpx.get(server + "/health").status_code == 401
+    assert post(server, body).status_code == 200
+
+
+def test_refuses_public_bind_without_token(model_dir):
+    with pytest.raises(OpdError, match="0.0.0.0"):
+        serve(str(model_dir), host="0.0.0.0", port=free_port())
+
+
+def test_remote_teacher_scores_completions(server, direct):
+    teacher = RemoteTeacher(server, api_key=TOKEN, top_k=2)
+    assert teacher.health()["status"] == "ok"
+    starts = [6, 2]
+    lps, topk = teacher.score_tokens(SEQS, starts)
+    for seq, s, got, top in zip(SEQS, starts, lps, topk):
+        ref = direct(seq)
+        assert got == pytest.approx([ref[j - 1, seq[j]].item() for j in range(s, len(seq))], abs=1e-5)
+        assert [set(d) for d in top] == [set(ref[j - 1].topk(2).indices.tolist()) for j in range(s, len(seq))]
+    with pytest.raises(OpdError, match="401"):
+        RemoteTeacher(server, api_key="wrong").score_tokens(SEQS, starts)
+
+
+def test_client_waits_for_restarted_server(model_dir, direct, caplog):
+    port = free_port()
+    proc = start_server(model_dir, port, None)
+    teacher = RemoteTeacher(f"http://127.0.0.1:{port}/v1", backoff=(0.1, 0.5))
+    teacher.score_tokens(SEQS, [1, 1])
+    stop(proc)  # SIGKILL
+    result = {}
+    call = threading.Thread(target=lambda: result.update(out=teacher.score_tokens(SEQS, [1, 1])))
+    with caplog.at_level(logging.WARNING, logger="opd.remote"):
+        call.start()
+        deadline = time.monotonic() + 30
+        while "unreachable, retrying in" not in caplog.text:
+            assert time.monotonic() < deadline, "client never reported the unreachable teacher"
+            time.sleep(0.1)
+        assert call.is_alive()
+        proc = start_server(model_dir, port, None)
+        call.join(timeout=60)
+    stop(proc)
+    assert not call.is_alive()
+    lps, topk = result["out"]
+    assert topk is None
+    for seq, got in zip(SEQS, lps):
+        ref = direct(seq)
+        assert got == pytest.approx([ref[j - 1, seq[j]].item() for j in range(1, len(seq))], abs=1e-5)
