@@ -52,8 +52,8 @@ def compare(base: DistillConfig, methods: list[str], seeds: int, out: str | Path
     eval_every_flops = rl_max_flops = None
     for method in order:
         for seed in range(seeds):
-            cfg = with_overrides(copy.deepcopy(base), (method_overrides or {}).get(method, []))
-            cfg.method.name, cfg.train.seed = method, seed
+            cfg = with_overrides(copy.deepcopy(base), [f"method.name={method}", f"train.seed={seed}",
+                                                        *(method_overrides or {}).get(method, [])])
             cfg.out = str(out / "runs" / f"{method}-seed{seed}")
             cfg.train.checkpoint_every = 0
             cfg.logging.report = False  # one report per run would only slow the comparison down
@@ -68,6 +68,8 @@ def compare(base: DistillConfig, methods: list[str], seeds: int, out: str | Path
             summary = distill(cfg, progress=progress)
             curve = curve_of(Path(cfg.out))
             if teacher_acc is None:
+                if summary["teacher_accuracy"] is None:
+                    raise OpdError("opd compare needs a local teacher: its accuracy sets the target")
                 teacher_acc = summary["teacher_accuracy"]
                 target = 0.9 * teacher_acc
             entry = results[method]
@@ -106,8 +108,7 @@ def plot(report: dict, path: Path) -> None:
         grid = np.unique(np.concatenate([np.array(c)[:, 0] for c in curves]))
         grid = grid[grid > 0]  # log axis: the start (0 FLOPs) is the first evaluation's left edge
         # carry each seed's last evaluated accuracy forward onto the common grid
-        ys = np.stack([np.interp(grid, np.array(c)[:, 0], np.array(c)[:, 1], right=np.nan) for c in curves])
-        ys = np.where(np.isnan(ys), np.nanmax(ys, axis=0, initial=0), ys)
+        ys = np.stack([np.interp(grid, np.array(c)[:, 0], np.array(c)[:, 1], right=c[-1][1]) for c in curves])
         line, = ax.plot(grid, ys.mean(0), label=method)
         ax.fill_between(grid, ys.min(0), ys.max(0), alpha=0.2, color=line.get_color())
     ax.axhline(report["target"], ls="--", c="gray", lw=1, label="90% of teacher")

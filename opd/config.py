@@ -49,8 +49,8 @@ class RolloutConfig:
     max_new_tokens: int = 32  # completion budget; a completion without EOS is marked truncated
     temperature: float = 1.0  # sampling temperature; sampling is over the full vocabulary (no top-k/top-p)
     # 0 = strictly on-policy. k > 0: rollouts for k+1 steps are sampled at once with the current weights
-    # and used over the next k+1 steps (policy lag 0..k, logged); the loss then carries a truncated
-    # importance weight min(p_S/p_sample, 2) per token. Checkpoints fall on multiples of k+1.
+    # and used over the next k+1 steps (policy lag 0..k, logged); the distillation loss then carries a
+    # truncated importance weight min(p_S/p_sample, 2) per token. Checkpoints fall on multiples of k+1.
     max_staleness: int = 0  # max policy lag (steps) of a rollout; 0 = strictly on-policy
 
 
@@ -237,6 +237,24 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     if not 0.0 <= cfg.method.lmbda <= 1.0:
         raise OpdError(f"method.lmbda must be in [0, 1], got {cfg.method.lmbda}")
     from opd.rollout.filters import build_filters
+
+    if cfg.method.traces and cfg.method.name != "sft":
+        raise OpdError("method.traces applies to method sft only (other methods sample their rollouts)")
+    if cfg.objective.temperature <= 0:
+        raise OpdError(f"objective.temperature must be positive, got {cfg.objective.temperature}")
+    if cfg.objective.clip is not None and cfg.objective.clip <= 0:
+        raise OpdError(f"objective.clip must be positive or null, got {cfg.objective.clip}")
+    for key in ("beta", "alpha"):
+        if not 0.0 <= getattr(cfg.objective, key) <= 1.0:
+            raise OpdError(f"objective.{key} must be in [0, 1], got {getattr(cfg.objective, key)}")
+    if cfg.student.dtype != "float32":
+        raise OpdError("student.dtype: the student trains in float32 (set the teacher's dtype instead)")
+    if cfg.rollout.max_staleness and cfg.rollout.temperature != 1.0:
+        raise OpdError("rollout.max_staleness > 0 needs rollout.temperature 1 (importance weights compare "
+                       "the student's log-probs at temperature 1 with the sampler's)")
+    if cfg.anchors.fraction and round(cfg.anchors.fraction * cfg.rollout.batch_size) >= cfg.rollout.batch_size:
+        raise OpdError(f"anchors.fraction {cfg.anchors.fraction} leaves no sampled rollouts in a batch of "
+                       f"{cfg.rollout.batch_size}")
 
     build_filters(cfg.filters)  # unknown rules and bad parameters are config errors, before any model loads
     if not cfg.teacher.model and not cfg.teacher.url and not cfg.teachers:

@@ -22,8 +22,10 @@ class ModelShape:
         cfg = model.config
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return cls(params=sum(p.numel() for p in model.parameters()), layers=cfg.num_hidden_layers,
-                   width=heads * head_dim)
+        params = sum(p.numel() for p in model.parameters())
+        if not getattr(cfg, "tie_word_embeddings", False):  # an untied input embedding is a lookup, not a matmul
+            params -= model.get_input_embeddings().weight.numel()
+        return cls(params=params, layers=cfg.num_hidden_layers, width=heads * head_dim)
 
     def forward_flops(self, new_tokens: int, context: int) -> float:
         """Forward FLOPs for `new_tokens` tokens that each attend to about `context` positions."""
@@ -48,11 +50,16 @@ def generation_flops(shape: ModelShape, prompt_lens, completion_lens) -> float:
 
 
 def step_flops(shapes: dict, batch, sources: list[str], teacher_names: list[str], *, generated: bool,
-               scored: bool) -> float:
-    """One step: generation of the sampled rows (by whoever wrote them), teacher scoring, training."""
+               scored: bool, trained=None) -> float:
+    """One step: generation of the sampled rows (by whoever wrote them), teacher scoring, and training
+    of the rows selected by `trained` (a bool mask; None = no update ran)."""
     p_lens = batch.prompt_mask.sum(1).tolist()
     c_lens = batch.completion_lengths().tolist()
-    total = sequence_flops(shapes["student"], p_lens, c_lens, train=True)
+    total = 0.0
+    if trained is not None:
+        rows = trained.tolist()
+        total += sequence_flops(shapes["student"], [p for p, k in zip(p_lens, rows) if k],
+                                [c for c, k in zip(c_lens, rows) if k], train=True)
     for src, name, p, c in zip(sources, teacher_names, p_lens, c_lens):
         if generated and src != "anchor":
             total += generation_flops(shapes[name if src == "teacher" else "student"], [p], [c])

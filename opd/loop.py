@@ -83,7 +83,9 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
         for t in teachers.teachers:
             mine = [ex for ex in eval_set if teachers.route(ex.tag) is t]
             if mine:
-                correct += run_eval(t.loaded.model, f"eval {t.name}", mine).accuracy * len(mine)
+                correct += evaluate(t.loaded.model, t.loaded.tokenizer, mine, t.schema or task.schema, task.verifier,
+                                    max_new_tokens=eval_tokens, batch_size=cfg.eval.batch_size, progress=progress,
+                                    desc=f"eval {t.name}").accuracy * len(mine)
         return correct / len(eval_set)
 
     optimizer, scheduler = make_optimizer(student.model, cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps)
@@ -99,6 +101,9 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
         before = read_jsonl(run.eval_path)[0]
         teacher_acc, student_before = before["teacher_accuracy"], before["accuracy"]
     else:
+        if resume:  # --resume with no checkpoint yet: start over, dropping whatever the crashed run logged
+            run.truncate_after(-1)
+            samples.truncate_after(-1)
         save_config(cfg, run.root / "config.yaml")
         run.write_json("manifest.json", build_manifest(cfg, teachers, student, task, objective, filters,
                                                        schema_check, argv))
@@ -131,23 +136,29 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
         samples.add_rollouts(store_rows(step, rollouts.policy_version, batch, examples, views, reasons,
                                         teacher_names, rollouts.sources))
         rewards = torch.tensor([float(v.correct) for v in views])
-        advantages = group_advantages(rewards, cfg.rollout.samples_per_prompt) if method in USES_REWARD else None
+        advantages = None
+        if method in USES_REWARD:  # group baseline over the sampled rows; anchor traces get no reward term
+            sampled = torch.tensor([src != "anchor" for src in rollouts.sources])
+            advantages = torch.zeros(len(views))
+            advantages[sampled] = group_advantages(rewards[sampled], cfg.rollout.samples_per_prompt)
         keep = torch.tensor([r is None for r in reasons])
         if method == "rl" and not advantages[keep].any():
             keep[:] = False  # every group all right or all wrong: no signal; an Adam step on zeros still moves weights
+        lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
         if keep.any():
             stats = update(student.model, optimizer, scheduler, objective, batch.rows(keep),  # update
                            teacher_logits[keep] if teacher_logits is not None else None, cfg.train,
                            teacher_logprobs=teacher_lp[keep] if teacher_lp is not None else None,
                            method=method, advantages=advantages[keep] if advantages is not None else None,
-                           reward_weight=cfg.method.reward_weight, stale=lag > 0)
+                           reward_weight=cfg.method.reward_weight, stale=lag > 0 and not rollouts.teacher_sampled)
         else:  # every rollout rejected (or no reward signal): nothing to learn from, not a numeric failure
             stats = {"loss": 0.0, "grad_norm": 0.0, "update_applied": False}
+            scheduler.step()  # the schedule counts steps, trained or not
         t3 = time.perf_counter()
         flops += step_flops(shapes, batch, rollouts.sources, teacher_names, generated=trace_answers is None,
-                            scored=teacher_lp is not None)
+                            scored=teacher_lp is not None, trained=keep if keep.any() else None)
         c_lens = batch.completion_lengths().tolist()
-        record = {"step": step, **stats, "lr": scheduler.get_last_lr()[0], "flops": flops,
+        record = {"step": step, **stats, "lr": lr, "flops": flops,
                   "sampled_by": "teacher" if rollouts.teacher_sampled else "student", "policy_lag": lag,
                   "train_reward": float(rewards.mean()), "anchors": rollouts.sources.count("anchor"),
                   "kept": int(keep.sum()), **per_teacher_logprob(views, teacher_names),

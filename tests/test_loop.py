@@ -295,3 +295,36 @@ def test_unknown_filter_rule_is_a_config_error():
 
     with pytest.raises(OpdError, match="unknown filter rule 'lenght'"):
         load_config(None, ["teacher.model=t", "student.model=s", "task.builtin=x", "filters=[{rule: lenght}]"])
+
+
+@pytest.mark.slow
+def test_resume_without_a_checkpoint_starts_over_without_duplicates(task_and_models, monkeypatch):
+    root, paths, dirs = task_and_models
+    cfg = config(root, paths, dirs, f"out={root / 'r-nockpt'}", "train.steps=6", "train.eval_every=3")
+    real_update, calls = loop.update, {"n": 0}
+
+    def crashing_update(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated crash before any checkpoint")
+        return real_update(*a, **kw)
+
+    monkeypatch.setattr(loop, "update", crashing_update)
+    with pytest.raises(RuntimeError):
+        loop.distill(cfg, progress=False)
+    monkeypatch.setattr(loop, "update", real_update)
+    loop.distill(cfg, resume=True, progress=False)
+    steps = [json.loads(l)["step"] for l in (root / "r-nockpt" / "metrics.jsonl").read_text().splitlines()]
+    evals = [json.loads(l)["step"] for l in (root / "r-nockpt" / "eval.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7)) and evals == [0, 3, 6]
+
+
+@pytest.mark.slow
+def test_rl_with_anchors_gives_anchor_rows_no_reward_term(task_and_models):
+    root, paths, dirs = task_and_models
+    out = root / "r-rl-anchors"
+    loop.distill(config(root, paths, dirs, f"out={out}", "method=rl", "rollout.batch_size=7",
+                        "rollout.samples_per_prompt=3", f"anchors={{path: {paths['train']}, fraction: 0.3}}",
+                        "train.steps=3"), progress=False)
+    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["anchors"] for m in metrics] == [2, 2, 2]  # 5 prompts x 3 samples + 2 anchor traces

@@ -52,8 +52,8 @@ def cmd_sft(args) -> None:
     from opd.tasks.schema import PromptSchema
     from opd.train.sft import run_sft
 
-    if args.steps <= 0 or args.batch_size <= 0:
-        raise OpdError("--steps and --batch-size must be positive")
+    if args.steps <= 0 or args.batch_size <= 0 or args.max_new_tokens <= 0:
+        raise OpdError("--steps, --batch-size and --max-new-tokens must be positive")
     examples = load_jsonl(args.data)
     schema = PromptSchema.from_spec(args.prompt_schema)
     eval_fn = None
@@ -102,6 +102,8 @@ def cmd_eval(args) -> None:
     from opd.tasks.schema import PromptSchema
     from opd.tasks.verifiers import make_verifier
 
+    if args.batch_size <= 0 or args.max_new_tokens <= 0:
+        raise OpdError("--batch-size and --max-new-tokens must be positive")
     examples = load_jsonl(args.data)[: args.limit or None]
     verifier = make_verifier(args.verifier)
     loaded = load_model(args.model)

@@ -51,7 +51,7 @@ class Objective:
             if sampling_logprobs is not None:  # rows with no sampler (anchors) get weight 1
                 sampling_logprobs = torch.where(sampling_logprobs.isnan(), student_lp.detach(), sampling_logprobs)
             return sampled_token_loss(student_lp, teacher_logprobs, mask, sampling_logprobs=sampling_logprobs,
-                                      clip=self.params["clip"], normalizer=normalizer)
+                                      clip=self.params["clip"], is_clip=IS_CLIP, normalizer=normalizer)
         extra = {k: v for k, v in self.params.items() if k in ("beta", "alpha")}
         if sampling_logprobs is None:
             return DIVERGENCES[self.name](student_logits, teacher_logits, mask, temperature=temperature,

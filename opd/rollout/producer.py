@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from opd.rollout.sampler import Batch, concat_batches, generate
+from opd.rollout.prompts import encode_prompts
+from opd.rollout.sampler import Batch, concat_batches, generate, left_pad
 from opd.train.sft import make_sft_batch
 
 
@@ -73,9 +74,14 @@ class RolloutProducer:
         return Rollouts(batch, examples, sources, policy_version, teacher_sampled)
 
     def _sample(self, model, prompts, gen, greedy):
-        return generate(model, prompts, eos_id=self.tok.eos_token_id, pad_id=self.tok.pad_token_id,
-                        max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=self.cfg.rollout.temperature,
-                        greedy=greedy, generator=gen)
+        was_training = model.training
+        model.eval()  # sample from the deployed policy (no dropout)
+        try:
+            return generate(model, prompts, eos_id=self.tok.eos_token_id, pad_id=self.tok.pad_token_id,
+                            max_new_tokens=self.cfg.rollout.max_new_tokens,
+                            temperature=self.cfg.rollout.temperature, greedy=greedy, generator=gen)
+        finally:
+            model.train(was_training)
 
     def _teacher_samples(self, picks, examples, gen) -> Batch:
         """Each row sampled by the teacher of its task tag (rows regrouped in the original order)."""
@@ -84,8 +90,14 @@ class RolloutProducer:
         for t in self.teachers.teachers:
             rows = [i for i, n in enumerate(names) if n == t.name]
             if rows:
-                parts.append(self._sample(t.loaded.model, [self.prompts[picks[i]] for i in rows], gen,
-                                          greedy=self.cfg.method.teacher_greedy))
+                prompts = [self.prompts[picks[i]] for i in rows]
+                if t.schema is not None:  # the teacher writes its trace reading its own prompt
+                    prompts = encode_prompts([examples[i] for i in rows], t.schema, t.loaded.tokenizer)
+                part = self._sample(t.loaded.model, prompts, gen, greedy=self.cfg.method.teacher_greedy)
+                if t.schema is not None:  # ... and the student trains on it under the shared prompt
+                    part.prompt_ids, part.prompt_mask = left_pad([self.prompts[picks[i]] for i in rows],
+                                                                 self.tok.pad_token_id)
+                parts.append(part)
                 order += rows
         batch = concat_batches(parts, self.tok.pad_token_id)
         inverse = torch.empty(len(order), dtype=torch.long)

@@ -22,7 +22,8 @@ def store_rows(step: int, policy_version: int, batch: Batch, examples, views, re
     masks = batch.completion_mask.bool()
     return [{"step": step, "policy_version": policy_version, "task_tag": ex.tag, "prompt": v.prompt,
              "completion": v.completion, "completion_ids": v.token_ids,
-             "student_logprobs": batch.sample_logprobs[b][masks[b]].tolist(),
+             # the sampler's log-probs: the student's own only on rows it wrote (teacher/anchor rows: empty)
+             "student_logprobs": batch.sample_logprobs[b][masks[b]].tolist() if sources[b] == "student" else [],
              "teacher_logprobs": v.teacher_logprobs or [], "kept": r is None, "reject_rule": r,
              "correct": v.correct, "teacher": teachers[b], "truncated": v.truncated, "source": sources[b]}
             for b, (ex, v, r) in enumerate(zip(examples, views, reasons))]

@@ -51,8 +51,8 @@ def update(student, optimizer, scheduler, objective, batch: Batch, teacher_logit
             loss = -(s_lp * mask).sum() / n_tokens
         if teacher_logits is not None or teacher_logprobs is not None:
             t_logits = teacher_logits[lo:lo + micro] if teacher_logits is not None else None
-            t_lp = token_logprobs(t_logits, sub.completion_ids) if t_logits is not None \
-                else teacher_logprobs[lo:lo + micro]
+            t_lp = teacher_logprobs[lo:lo + micro] if teacher_logprobs is not None \
+                else token_logprobs(t_logits, sub.completion_ids)
             if method in USES_TEACHER_SCORES:
                 loss = loss + objective.loss(s_logits, t_logits, t_lp, sub.completion_ids, mask, normalizer=n_tokens,
                                              sampling_logprobs=sub.sample_logprobs if stale else None)
