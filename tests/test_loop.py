@@ -328,3 +328,22 @@ def test_rl_with_anchors_gives_anchor_rows_no_reward_term(task_and_models):
                         "train.steps=3"), progress=False)
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["anchors"] for m in metrics] == [2, 2, 2]  # 5 prompts x 3 samples + 2 anchor traces
+
+
+@pytest.mark.parametrize("objective", ["reverse_kl", "jsd"])
+def test_logged_reverse_kl_is_the_exact_per_token_kl(tiny_model_dir, objective):
+    """The metric is KL(student || teacher) per completion token, whichever loss is trained."""
+    from opd.objectives.divergences import per_token_reverse_kl
+    from opd.rollout.sampler import completion_logits
+
+    student = load_model(str(tiny_model_dir), trainable=True)
+    teacher = load_model(str(tiny_model_dir))
+    with torch.no_grad():
+        for p in teacher.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = _tiny_batch(student.tokenizer)
+    with torch.no_grad():
+        expected = per_token_reverse_kl(completion_logits(student.model, batch), score(teacher.model, batch))
+    mask = batch.completion_mask.bool()
+    _, stats = _grads(student, teacher, batch, objective)
+    assert stats["reverse_kl"] == pytest.approx(float(expected[mask].mean()), rel=1e-5)

@@ -41,27 +41,35 @@ def update(student, optimizer, scheduler, objective, batch: Batch, teacher_logit
     rows = batch.prompt_ids.shape[0]
     micro = cfg.micro_batch_size or rows
     total_loss, kl_sum, teacher_lp_sum = 0.0, 0.0, 0.0
+    scored = teacher_logits is not None or teacher_logprobs is not None
+    # the exact reverse KL at temperature 1 is its own per-token KL metric: no second vocabulary pass
+    loss_is_kl = (method in USES_TEACHER_SCORES and objective.name == "reverse_kl" and not stale
+                  and objective.params.get("temperature", 1.0) == 1.0)
     for lo in range(0, rows, micro):
         sub = batch.rows(slice(lo, lo + micro))
         mask = sub.completion_mask
         s_logits = completion_logits(student, sub)
-        s_lp = token_logprobs(s_logits, sub.completion_ids)
+        # sampled-token log-probs: only for the losses (and the k3 metric) that use them
+        needs_s_lp = method == "sft" or method in USES_REWARD or (scored and teacher_logits is None)
+        s_lp = token_logprobs(s_logits, sub.completion_ids) if needs_s_lp else None
         loss = s_logits.new_zeros(())
         if method == "sft":
             loss = -(s_lp * mask).sum() / n_tokens
-        if teacher_logits is not None or teacher_logprobs is not None:
+        if scored:
             t_logits = teacher_logits[lo:lo + micro] if teacher_logits is not None else None
             t_lp = teacher_logprobs[lo:lo + micro] if teacher_logprobs is not None \
                 else token_logprobs(t_logits, sub.completion_ids)
-            if method in USES_TEACHER_SCORES:
-                loss = loss + objective.loss(s_logits, t_logits, t_lp, sub.completion_ids, mask, normalizer=n_tokens,
-                                             sampling_logprobs=sub.sample_logprobs if stale else None)
             m = mask.float()
-            if t_logits is not None:  # exact per-token KL; with log-probs only, the k3 estimate
-                kl = per_token_reverse_kl(s_logits.detach(), t_logits)
+            if method in USES_TEACHER_SCORES:
+                divergence = objective.loss(s_logits, t_logits, t_lp, sub.completion_ids, mask, normalizer=n_tokens,
+                                            sampling_logprobs=sub.sample_logprobs if stale else None)
+                loss = loss + divergence
+            if loss_is_kl:
+                kl_sum += divergence.item() * n_tokens
+            elif t_logits is not None:  # exact per-token KL; with log-probs only, the k3 estimate
+                kl_sum += float((per_token_reverse_kl(s_logits.detach(), t_logits) * m).sum())
             else:
-                kl = k3(s_lp.detach(), t_lp)
-            kl_sum += float((kl * m).sum())
+                kl_sum += float((k3(s_lp.detach(), t_lp) * m).sum())
             teacher_lp_sum += float((t_lp * m).sum())
         if method in USES_REWARD:
             weight = 1.0 if method == "rl" else reward_weight
@@ -70,6 +78,6 @@ def update(student, optimizer, scheduler, objective, batch: Batch, teacher_logit
         total_loss += loss.item()
     grad_norm, applied = optimizer_step(student, optimizer, scheduler, cfg.grad_clip)
     stats = {"loss": total_loss, "grad_norm": grad_norm, "update_applied": applied}
-    if teacher_logits is not None or teacher_logprobs is not None:
+    if scored:
         stats.update(reverse_kl=kl_sum / n_tokens, teacher_logprob=teacher_lp_sum / n_tokens)
     return stats
