@@ -168,6 +168,16 @@ def _tiny_batch(tok):
     return Batch(p_ids, p_mask, c_ids, c_mask, torch.zeros(2, 4), torch.zeros(2, dtype=torch.bool))
 
 
+def student_and_teacher(model_dir):
+    """A trainable student and a frozen teacher that differs from it (perturbed copy)."""
+    student = load_model(str(model_dir), trainable=True)
+    teacher = load_model(str(model_dir))
+    with torch.no_grad():
+        for p in teacher.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return student, teacher
+
+
 def _grads(student, teacher, batch, objective_name="auto", micro=0):
     cfg = load_config(None, ["teacher.model=t", "student.model=s", "task.builtin=x",
                              f"objective.name={objective_name}", f"train.micro_batch_size={micro}"])
@@ -192,11 +202,7 @@ def _grads(student, teacher, batch, objective_name="auto", micro=0):
 
 @pytest.mark.parametrize("objective", ["reverse_kl", "sampled_reverse_kl", "jsd"])
 def test_prompt_and_padding_never_enter_the_loss(tiny_model_dir, objective):
-    student = load_model(str(tiny_model_dir), trainable=True)
-    teacher = load_model(str(tiny_model_dir))
-    with torch.no_grad():
-        for p in teacher.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    student, teacher = student_and_teacher(tiny_model_dir)
     batch = _tiny_batch(student.tokenizer)
     g0, s0 = _grads(student, teacher, batch, objective)
     assert g0.abs().sum() > 0
@@ -208,11 +214,7 @@ def test_prompt_and_padding_never_enter_the_loss(tiny_model_dir, objective):
 
 
 def test_micro_batches_give_the_same_update(tiny_model_dir):
-    student = load_model(str(tiny_model_dir), trainable=True)
-    teacher = load_model(str(tiny_model_dir))
-    with torch.no_grad():
-        for p in teacher.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    student, teacher = student_and_teacher(tiny_model_dir)
     batch = _tiny_batch(student.tokenizer)
     g_full, s_full = _grads(student, teacher, batch, micro=0)
     g_split, s_split = _grads(student, teacher, batch, micro=1)
@@ -336,11 +338,7 @@ def test_logged_reverse_kl_is_the_exact_per_token_kl(tiny_model_dir, objective):
     from opd.objectives.divergences import per_token_reverse_kl
     from opd.rollout.sampler import completion_logits
 
-    student = load_model(str(tiny_model_dir), trainable=True)
-    teacher = load_model(str(tiny_model_dir))
-    with torch.no_grad():
-        for p in teacher.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    student, teacher = student_and_teacher(tiny_model_dir)
     batch = _tiny_batch(student.tokenizer)
     with torch.no_grad():
         expected = per_token_reverse_kl(completion_logits(student.model, batch), score(teacher.model, batch))
