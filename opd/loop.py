@@ -71,8 +71,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
     shapes = {"student": ModelShape.of(student.model),
               **{t.name: ModelShape.of(t.loaded.model) for t in teachers.teachers if t.loaded is not None}}
 
-    def run_eval(model, desc, examples=eval_set):
-        return evaluate(model, tok, examples, task.schema, task.verifier, max_new_tokens=eval_tokens,
+    def run_eval(model, desc):
+        return evaluate(model, tok, eval_set, task.schema, task.verifier, max_new_tokens=eval_tokens,
                         batch_size=cfg.eval.batch_size, progress=progress, desc=desc)
 
     def teacher_accuracy() -> float | None:

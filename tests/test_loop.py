@@ -238,7 +238,7 @@ def test_non_finite_loss_skips_the_update_then_aborts(task_and_models, monkeypat
         return real_update(*a, **kw)
 
     class NaNOnSomeSteps:
-        name, params, needs_teacher_logits = real_loss.name, real_loss.params, True
+        name, params = real_loss.name, real_loss.params
 
         def loss(self, *a, **kw):
             value = real_loss.loss(*a, **kw)

@@ -33,10 +33,6 @@ class Objective:
     name: str  # the resolved name (never "auto")
     params: dict  # the parameters that apply to this objective (for the manifest)
 
-    @property
-    def needs_teacher_logits(self) -> bool:
-        return self.name in LOGIT_OBJECTIVES
-
     def loss(self, student_logits, teacher_logits, teacher_logprobs, completion_ids, mask, *,
              sampling_logprobs=None, normalizer=None) -> torch.Tensor:
         """Scalar loss over one micro-batch; `normalizer` = completion tokens in the whole batch.

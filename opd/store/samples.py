@@ -100,10 +100,6 @@ class SampleStore:
     def add_evals(self, rows: list[dict]) -> None:
         self._buffers["evals"].extend(rows)
 
-    def pending(self) -> int:
-        """Rows buffered and not yet flushed."""
-        return sum(len(rows) for rows in self._buffers.values())
-
     def parts(self, table: str) -> list[Path]:
         folder = self.root / table
         if not folder.is_dir():

@@ -5,7 +5,7 @@ import argparse
 import pytest
 from rich.console import Console
 
-from opd.cli.inspect import add_parser, completion_text, run_inspect, top_disagreements
+from opd.cli.inspect import add_parser, completion_text, top_disagreements
 from opd.errors import OpdError
 from opd.store.samples import SampleStore
 
