@@ -72,17 +72,24 @@ def child_opd(spec: dict) -> dict:
     import torch
 
     from opd.objectives.select import make_objective
-    from opd.config import ObjectiveConfig
+    from opd.config import ObjectiveConfig, TrainConfig
     from opd.rollout.sampler import generate
+    from opd.rollout.teachers import auto_precision
     from opd.train.optim import make_optimizer
+    from opd.train.sft import make_sft_batch
     from opd.train.step import score, update
 
     rss_imports = rss_mb()
     vocab = spec["vocab"]
     teacher, student = build_models(vocab)
+    # opd's default teacher dtype (auto), decided on a probe of 8 random prompts + 16-token answers
+    g = torch.Generator().manual_seed(SEED)
+    probe = make_sft_batch(torch.randint(0, vocab, (8, PROMPT_LEN), generator=g).tolist(),
+                           torch.randint(0, vocab, (8, 16), generator=g).tolist(), pad_id=0)
+    precision = auto_precision(teacher, probe)
     objective = make_objective(ObjectiveConfig(name="reverse_kl"))
     optimizer, scheduler = make_optimizer(student, lr=LR)
-    train_cfg = types.SimpleNamespace(micro_batch_size=0, grad_clip=CLIP)
+    train_cfg = TrainConfig(grad_clip=CLIP)  # opd defaults (whole-batch micro-batch, default logits_chunk)
     total = spec["warmup"] + spec["steps"]
     times, split, tokens = [], [], []
     for step in range(total):
@@ -92,21 +99,49 @@ def child_opd(spec: dict) -> dict:
         batch = generate(student, prompts, eos_id=vocab, pad_id=0, max_new_tokens=NEW_TOKENS,  # eos never sampled
                          temperature=1.0, generator=g)
         t1 = time.perf_counter()
-        teacher_logits = score(teacher, batch)
+        teacher_scores, teacher_lp = score(teacher, batch)
         t2 = time.perf_counter()
-        stats = update(student, optimizer, scheduler, objective, batch, teacher_logits, train_cfg)
+        stats = update(student, optimizer, scheduler, objective, batch, teacher_scores, train_cfg,
+                       teacher_logprobs=teacher_lp)
         t3 = time.perf_counter()
-        del teacher_logits
+        del teacher_scores
         times.append(t3 - t0)
         split.append((t1 - t0, t2 - t1, t3 - t2))
         tokens.append(int(batch.completion_mask.sum()))
     out = {"times": times[spec["warmup"]:], "tokens_per_step": tokens[-1], "rss_after_imports_mb": rss_imports,
+           "teacher_precision": precision,
            "last_loss": stats["loss"], "last_grad_norm": stats["grad_norm"],
            "params": {"teacher": n_params(teacher), "student": n_params(student)}}
     if spec.get("instrument"):
         kept = split[spec["warmup"]:]
         out["split_s"] = {k: statistics.median(x[i] for x in kept) for i, k in enumerate(("sample", "score", "update"))}
     return out
+
+
+def child_peaks(spec: dict) -> dict:
+    """This machine's matmul peak (GFLOP/s) in float32 and bfloat16: median of 30 [2048,1024]x[1024,1024]."""
+    import torch
+
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(2048, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        times = []
+        for _ in range(30):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_gflops"] = 2 * 2048 * 1024 * 1024 / statistics.median(times) / 1e9
+    return out
+
+
+def step_model_flops(params: dict) -> dict:
+    """Model FLOPs of one W step (matmuls, 2 per weight per token; attention scores left out): sampling
+    (prefill + decode) and the teacher pass are forward only, the student update forward + backward."""
+    tokens = BATCH * (PROMPT_LEN + NEW_TOKENS)
+    return {"sample": 2 * params["student"] * tokens, "score": 2 * params["teacher"] * tokens,
+            "update": 6 * params["student"] * tokens}
 
 
 def child_trl(spec: dict) -> dict:
@@ -184,7 +219,8 @@ def child_main(spec: dict, result_path: str):
     import torch
 
     torch.set_num_threads(spec["threads"])
-    out = child_opd(spec) if spec["variant"] == "opd" else child_trl(spec)
+    child = {"opd": child_opd, "peaks": child_peaks}.get(spec["variant"], child_trl)
+    out = child(spec)
     out.update(spec=spec, peak_rss_mb=rss_mb(), torch_threads=torch.get_num_threads())
     with open(result_path, "w") as f:
         json.dump(out, f)
@@ -205,6 +241,8 @@ def run_child(spec: dict) -> dict:
     with open(path) as f:
         out = json.load(f)
     os.unlink(path)
+    if spec["variant"] == "peaks":
+        return out
     out["wall_s"] = time.time() - t0
     out["median_s"] = statistics.median(out["times"])
     out["tokens_per_s"] = out["tokens_per_step"] / out["median_s"]
@@ -235,6 +273,24 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def efficiency(params: dict, peaks: dict, opd_s: dict, trl_best_s: dict) -> dict:
+    """Model FLOP/s of opd's W step as a share of the fp32 and bf16 matmul peaks measured in this run,
+    and the FLOP floor (teacher pass at the bf16 peak, everything else at the fp32 peak)."""
+    flops = step_model_flops(params)
+    total = sum(flops.values())
+    out = {"step_model_flops": flops}
+    for t in (1, 2):
+        achieved = total / opd_s[t] / 1e9
+        floor_s = flops["score"] / (peaks[t]["bf16_gflops"] * 1e9) + \
+            (flops["sample"] + flops["update"]) / (peaks[t]["fp32_gflops"] * 1e9)
+        out[f"{t}_thread"] = {"peak_fp32_gflops": peaks[t]["fp32_gflops"], "peak_bf16_gflops": peaks[t]["bf16_gflops"],
+                              "achieved_gflops": achieved,
+                              "share_of_fp32_peak": achieved / peaks[t]["fp32_gflops"],
+                              "share_of_bf16_peak": achieved / peaks[t]["bf16_gflops"],
+                              "floor_s_per_step": floor_s, "floor_ratio_vs_trl_best": floor_s / trl_best_s[t]}
+    return out
 
 
 def main():
@@ -278,6 +334,9 @@ def main():
         big.append(run_child(dict(variant=v, vocab=32000, threads=1, warmup=big_warmup, steps=big_steps, rep=0)))
     runs.extend(big)
 
+    peaks = {t: run_child(dict(variant="peaks", threads=t)) for t in (1, 2)}
+    print(f"matmul peaks, GFLOP/s: {peaks}")
+
     def rss(variant, vocab):
         xs = [r["peak_rss_mb"] for r in runs if r["spec"]["variant"] == variant and r["spec"]["vocab"] == vocab]
         return max(xs) if xs else None
@@ -315,6 +374,9 @@ def main():
         "ratio_mem_W": rss("opd", 64) / rss(best[1], 64),
         "opd_time_split_s_1thread": instr["split_s"],
         "opd_instrumented_run_s_per_step": instr["median_s"],
+        "opd_teacher_precision": instr["teacher_precision"],
+        "efficiency": efficiency(instr["params"], peaks, {t: med("opd", t) for t in (1, 2)},
+                                 {t: med(best[t], t) for t in (1, 2)}),
         "summary": summary,
         "runs": runs if a.quick else runs + [instr],
         "bench_wall_s": None,
@@ -330,6 +392,12 @@ def main():
     print(f"TRL best: {best}")
     for k in ("ratio_time", "ratio_time_2threads", "ratio_time_vs_trl_defaults", "ratio_mem", "ratio_mem_W"):
         print(f"{k:28s} {result[k]:.3f}")
+    for t in (1, 2):
+        e = result["efficiency"][f"{t}_thread"]
+        print(f"efficiency {t} thread(s): {e['achieved_gflops']:.1f} GFLOP/s = {e['share_of_fp32_peak']:.0%} of fp32 peak, "
+              f"{e['share_of_bf16_peak']:.0%} of bf16 peak; FLOP floor {e['floor_s_per_step']:.3f} s "
+              f"({e['floor_ratio_vs_trl_best']:.2f} of TRL best)")
+    print(f"teacher precision: {result['opd_teacher_precision']}")
     print(f"total {result['bench_wall_s']:.0f} s")
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

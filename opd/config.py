@@ -21,7 +21,10 @@ from opd.errors import OpdError
 class ModelConfig:
     model: str = ""  # hub name or local folder, loaded with AutoModelForCausalLM.from_pretrained
     revision: str | None = None  # hub revision (branch, tag or commit); None = default branch
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (teacher only; the student trains in float32)
+    # auto (teacher): bfloat16 where this machine computes it natively (CUDA, AVX512-BF16/AMX CPUs) and
+    # its log-probs on probe answers stay within 0.05 nats of float32 (measured at start, recorded in the
+    # manifest), else float32. The student always trains in float32.
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     url: str | None = None  # teacher only: an `opd serve-teacher` or vLLM server instead of `model`
     api_key_env: str | None = None  # environment variable holding the server's bearer token
     top_k: int = 0  # remote teacher: top-k log-probs to request per position (0 = sampled tokens only)
@@ -86,6 +89,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     max_nonfinite: int = 3  # a non-finite loss/gradient skips the update; abort after this many in a row
     micro_batch_size: int = 0  # rows per forward/backward (gradient accumulation); 0 = whole batch
+    # the loss walks completion tokens in chunks of at most this many logits (per model, float32), so
+    # memory does not grow with batch x length x vocabulary; the default is one chunk at small vocabularies
+    logits_chunk: int = 4_194_304  # logits per chunk (16 MiB float32)
     eval_every: int = 100  # evaluate every N steps (and always at the end)
     checkpoint_every: int = 100  # save a resumable checkpoint every N steps (0 = never)
     keep_checkpoints: int = 2  # keep the newest K checkpoints
@@ -117,6 +123,14 @@ class AnchorsConfig:
 
 
 @dataclass
+class ScaleConfig:
+    # local = a Ray started here; auto = the Ray cluster this machine belongs to; HOST:PORT = that cluster
+    ray_address: str | None = None  # where rollouts and teacher passes run; null = in this process
+    rollout_workers: int = 0  # Ray actors sampling the student's rollouts (each gets the new weights every step)
+    teacher_workers: int = 0  # Ray actors running the local teachers' forward passes
+
+
+@dataclass
 class DistillConfig:
     teacher: ModelConfig = field(default_factory=ModelConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
@@ -134,12 +148,13 @@ class DistillConfig:
     # ordered filter rules, e.g. [{rule: min_tokens, n: 1}, {rule: regex, pattern: "^[0-9]+$", must_match: true}];
     # the first rule that rejects a rollout is stored as its reason (see opd/rollout/filters.py)
     filters: list | None = None
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
     out: str = "runs/opd"  # run directory (config, manifest, metrics, eval, summary, student/)
 
 
 POSITIVE = {"train.max_nonfinite", "rollout.batch_size", "rollout.samples_per_prompt", "rollout.max_new_tokens", "train.steps",
             "train.eval_every", "eval.batch_size", "task.n_train", "task.n_eval"}
-NON_NEGATIVE = {"rollout.max_staleness", "train.stop_at_accuracy", "train.max_flops", "train.eval_every_flops", "method.reward_weight", "train.warmup_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.micro_batch_size", "eval.limit", "eval.max_new_tokens",
+NON_NEGATIVE = {"rollout.max_staleness", "train.stop_at_accuracy", "train.max_flops", "train.eval_every_flops", "method.reward_weight", "train.warmup_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.micro_batch_size", "train.logits_chunk", "scale.rollout_workers", "scale.teacher_workers", "eval.limit", "eval.max_new_tokens",
                 "train.grad_clip", "train.weight_decay"}
 
 
@@ -247,7 +262,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     for key in ("beta", "alpha"):
         if not 0.0 <= getattr(cfg.objective, key) <= 1.0:
             raise OpdError(f"objective.{key} must be in [0, 1], got {getattr(cfg.objective, key)}")
-    if cfg.student.dtype != "float32":
+    if cfg.student.dtype not in ("auto", "float32"):
         raise OpdError("student.dtype: the student trains in float32 (set the teacher's dtype instead)")
     if cfg.rollout.max_staleness and cfg.rollout.temperature != 1.0:
         raise OpdError("rollout.max_staleness > 0 needs rollout.temperature 1 (importance weights compare "
@@ -256,6 +271,10 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise OpdError(f"anchors.fraction {cfg.anchors.fraction} leaves no sampled rollouts in a batch of "
                        f"{cfg.rollout.batch_size}")
 
+    if (cfg.scale.rollout_workers or cfg.scale.teacher_workers) and not cfg.scale.ray_address:
+        raise OpdError("scale.rollout_workers / scale.teacher_workers need scale.ray_address (local, auto or HOST:PORT)")
+    if cfg.scale.ray_address and not (cfg.scale.rollout_workers or cfg.scale.teacher_workers):
+        raise OpdError("scale.ray_address is set but scale.rollout_workers and scale.teacher_workers are both 0")
     build_filters(cfg.filters)  # unknown rules and bad parameters are config errors, before any model loads
     if not cfg.teacher.model and not cfg.teacher.url and not cfg.teachers:
         raise OpdError("teacher.model is required (a hub name or a local folder), or teacher.url, or a 'teachers' list")

@@ -56,6 +56,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
     tok = student.tokenizer
     teachers = TeacherPool(load_teachers(cfg, tok), task.schema, tok)
     schema_check = teachers.check_schemas(task.train, cfg.task.allow_schema_mismatch)
+    teachers.settle_precision(task.train)  # dtype auto: bf16 where native and accurate (error -> manifest)
     objective = make_objective(cfg.objective, teacher_has_logits=teachers.has_logits)
     filters = build_filters(cfg.filters)
     samples = SampleStore(run.root)  # every rollout (kept or rejected, with its rule) and eval answer
@@ -66,6 +67,12 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
     anchors = load_jsonl(cfg.anchors.path) if cfg.anchors.fraction > 0 else None
     anchor_ids = (encode_prompts(anchors, task.schema, tok), encode_answers(anchors, tok)) if anchors else None
     producer = RolloutProducer(cfg, pool, train_prompts, trace_answers, anchors, anchor_ids, student, teachers, tok)
+    if cfg.scale.ray_address:  # rollouts and teacher passes on Ray actors; the same results as in-process
+        from opd.scale.ray_workers import RayWorkers
+
+        producer.workers = teachers.workers = RayWorkers(cfg.scale, student.name, [t for t in teachers.teachers
+                                                                                 if t.loaded is not None],
+                                                         tok.pad_token_id)
     eval_set = task.eval[:cfg.eval.limit] if cfg.eval.limit else task.eval
     eval_tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
     shapes = {"student": ModelShape.of(student.model),
@@ -128,7 +135,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
         batch, examples = rollouts.batch, rollouts.examples
         lag = step - 1 - rollouts.policy_version
         t1 = time.perf_counter()
-        teacher_logits, teacher_lp, teacher_names = teachers.score(batch, examples) if method in USES_TEACHER_SCORES \
+        teacher_scores, teacher_lp, teacher_names = teachers.score(batch, examples) if method in USES_TEACHER_SCORES \
             else (None, None, [teachers.route(ex.tag).name for ex in examples])                 # score
         t2 = time.perf_counter()
         views = rollout_views(batch, tok, examples, task.verifier, teacher_lp)                  # filter
@@ -147,7 +154,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
         if keep.any():
             stats = update(student.model, optimizer, scheduler, objective, batch.rows(keep),  # update
-                           teacher_logits[keep] if teacher_logits is not None else None, cfg.train,
+                           teacher_scores.rows(keep) if teacher_scores is not None else None, cfg.train,
                            teacher_logprobs=teacher_lp[keep] if teacher_lp is not None else None,
                            method=method, advantages=advantages[keep] if advantages is not None else None,
                            reward_weight=cfg.method.reward_weight, stale=lag > 0 and not rollouts.teacher_sampled)
@@ -196,6 +203,11 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
         if last_step:
             break
 
+    scale_counts = None
+    if producer.workers is not None:
+        scale_counts = {**producer.workers.counts, "rollout_workers": cfg.scale.rollout_workers,
+                        "teacher_workers": cfg.scale.teacher_workers, "ray_address": cfg.scale.ray_address}
+        producer.workers.close()
     final = read_jsonl(run.eval_path)[-1]
     samples.flush(final["step"])
     student.model.save_pretrained(run.root / "student", safe_serialization=True)
@@ -206,6 +218,8 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
                "student_accuracy_after": after, "gap_closed": (after - student_before) / gap if gap > 0 else None,
                "steps": final["step"], "flops": final.get("flops", flops), "objective": objective.name,
                "eval_n": len(eval_set), "wall_seconds": round(time.time() - wall_start, 2)}
+    if scale_counts:
+        summary["scale"] = scale_counts
     run.write_json("summary.json", summary)
     tracker.close()
     if cfg.logging.report:

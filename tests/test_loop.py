@@ -94,7 +94,10 @@ def test_distill_moves_a_weak_student_to_the_teacher(task_and_models, monkeypatc
     # Rollouts come from the student, never the teacher; the teacher's weights never change.
     assert generated_by and all(m is loaded["student"].model for m in generated_by)
     manifest = json.loads((root / "run-main" / "manifest.json").read_text())
-    assert weights_sha256(loaded["teacher"].model) == manifest["teacher"]["weights_sha256"]
+    fresh = load_model(str(dirs["teacher"])).model
+    assert weights_sha256(fresh) == manifest["teacher"]["weights_sha256"]  # the weights as stored
+    used = manifest["teacher"]["precision"]["dtype"]  # scored in this precision (auto: bf16 if native)
+    assert weights_sha256(loaded["teacher"].model) == weights_sha256(fresh.to(getattr(torch, used)))
     assert weights_sha256(loaded["student"].model) != manifest["student"]["weights_sha256"]
     assert not any(p.requires_grad for p in loaded["teacher"].model.parameters())
 
@@ -178,13 +181,14 @@ def student_and_teacher(model_dir):
     return student, teacher
 
 
-def _grads(student, teacher, batch, objective_name="auto", micro=0):
+def _grads(student, teacher, batch, objective_name="auto", micro=0, chunk=None, method="opd"):
     cfg = load_config(None, ["teacher.model=t", "student.model=s", "task.builtin=x",
-                             f"objective.name={objective_name}", f"train.micro_batch_size={micro}"])
+                             f"objective.name={objective_name}", f"train.micro_batch_size={micro}"]
+                      + ([f"train.logits_chunk={chunk}"] if chunk else []))
     student.model.zero_grad()
     opt, sched = make_optimizer(student.model, lr=0.0)
     objective = make_objective(cfg.objective)
-    teacher_logits = score(teacher.model, batch)
+    teacher_scores, teacher_lp = score(teacher.model, batch)
     # lr=0: the update leaves weights alone but the gradients are computed (clipping off to compare raw)
     cfg.train.grad_clip = 0
     params = list(student.model.parameters())
@@ -196,7 +200,9 @@ def _grads(student, teacher, batch, objective_name="auto", micro=0):
         real_step()
 
     opt.step = capture
-    stats = loop.update(student.model, opt, sched, objective, batch, teacher_logits, cfg.train)
+    advantages = torch.linspace(-1, 1, batch.prompt_ids.shape[0]) if method in ("rl", "opd+rl") else None
+    stats = loop.update(student.model, opt, sched, objective, batch, teacher_scores, cfg.train, method=method,
+                        teacher_logprobs=teacher_lp, advantages=advantages)
     return captured["g"], stats
 
 
@@ -211,6 +217,36 @@ def test_prompt_and_padding_never_enter_the_loss(tiny_model_dir, objective):
     g1, s1 = _grads(student, teacher, batch, objective)
     torch.testing.assert_close(g0, g1)
     assert s0["loss"] == pytest.approx(s1["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("objective,method", [("reverse_kl", "opd"), ("sampled_reverse_kl", "opd"), ("jsd", "opd"),
+                                              ("forward_kl", "opd+rl"), ("auto", "sft"), ("auto", "rl")])
+def test_chunked_loss_equals_the_whole_batch_loss(tiny_model_dir, objective, method):
+    """Token chunks of 1..3 tokens (logits_chunk below the vocabulary size) give the loss, the
+    gradient and the statistics of a single whole-batch chunk."""
+    student, teacher = student_and_teacher(tiny_model_dir)
+    batch = _tiny_batch(student.tokenizer)
+    vocab = student.model.config.vocab_size
+    g_whole, s_whole = _grads(student, teacher, batch, objective, method=method, chunk=vocab * 64)
+    for chunk in (1, 2 * vocab + 1, 3 * vocab):  # 1 = a token per chunk (the minimum)
+        g_chunk, s_chunk = _grads(student, teacher, batch, objective, method=method, chunk=chunk)
+        torch.testing.assert_close(g_whole, g_chunk, atol=1e-6, rtol=1e-4)
+        for key in s_whole:
+            assert s_chunk[key] == pytest.approx(s_whole[key], rel=1e-5, abs=1e-7), key
+
+
+def test_chunked_teacher_logits_match_a_plain_forward(tiny_model_dir):
+    """Hidden states + head (what the teacher keeps) reproduce the model's own logits and log-probs."""
+    from opd.rollout.sampler import completion_logits
+    from opd.objectives.select import token_logprobs
+
+    _, teacher = student_and_teacher(tiny_model_dir)
+    batch = _tiny_batch(teacher.tokenizer)
+    scores, logprobs = score(teacher.model, batch)
+    direct = completion_logits(teacher.model, batch).float()
+    torch.testing.assert_close(scores.logits(), direct, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logprobs, token_logprobs(direct, batch.completion_ids) * batch.completion_mask,
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_micro_batches_give_the_same_update(tiny_model_dir):
@@ -341,7 +377,7 @@ def test_logged_reverse_kl_is_the_exact_per_token_kl(tiny_model_dir, objective):
     student, teacher = student_and_teacher(tiny_model_dir)
     batch = _tiny_batch(student.tokenizer)
     with torch.no_grad():
-        expected = per_token_reverse_kl(completion_logits(student.model, batch), score(teacher.model, batch))
+        expected = per_token_reverse_kl(completion_logits(student.model, batch), completion_logits(teacher.model, batch))
     mask = batch.completion_mask.bool()
     _, stats = _grads(student, teacher, batch, objective)
     assert stats["reverse_kl"] == pytest.approx(float(expected[mask].mean()), rel=1e-5)

@@ -13,7 +13,7 @@ from tests.test_loop import config, task_and_models  # noqa: F401  (module fixtu
 
 def spy(monkeypatch):
     calls = {"generate": [], "score": 0}
-    real_generate, real_score = producer_module.generate, teachers_module.score
+    real_generate, real_score = producer_module.generate, teachers_module.TeacherPool.score
 
     def generate(model, *a, **kw):
         calls["generate"].append(model)
@@ -24,7 +24,7 @@ def spy(monkeypatch):
         return real_score(*a, **kw)
 
     monkeypatch.setattr(producer_module, "generate", generate)
-    monkeypatch.setattr(teachers_module, "score", score)
+    monkeypatch.setattr(teachers_module.TeacherPool, "score", score)  # a training step's scoring
     return calls
 
 

@@ -93,6 +93,7 @@ class LoadedModel:
     model: object
     tokenizer: object
     name: str
+    weights_hash: str | None = None  # sha256 of the weights as stored (set before a precision cast)
 
     @property
     def num_params(self) -> int:
@@ -109,6 +110,7 @@ def load_model(name_or_path: str, dtype: str = "float32", revision: str | None =
     looks_local = name_or_path.startswith((".", "/", "~")) or path.exists() or "/" not in name_or_path
     if looks_local and not path.exists():
         raise OpdError(f"model not found: {name_or_path}")
+    dtype = "float32" if dtype == "auto" else dtype  # auto: loaded in float32, then see settle_precision
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise OpdError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
@@ -125,6 +127,20 @@ def load_model(name_or_path: str, dtype: str = "float32", revision: str | None =
     model.train(trainable)
     model.requires_grad_(trainable)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)
+
+
+def native_bf16() -> bool:
+    """Whether this machine computes bfloat16 matmuls natively: a CUDA GPU with bf16, or a CPU with
+    AVX512-BF16 or AMX (elsewhere bf16 is emulated and slower than float32)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to know, keep float32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def weights_sha256(model) -> str:

@@ -38,10 +38,13 @@ class RolloutProducer:
         self.anchors, self.anchor_answers = anchors, anchor_answers
         self.student, self.teachers, self.tok = student, teachers, tokenizer
         self.ahead: dict[int, Rollouts] = {}
+        self.workers = None  # RayWorkers when scale.rollout_workers sample the student's rollouts
 
     def get(self, step: int) -> Rollouts:
         block = self.cfg.rollout.max_staleness + 1
         if step not in self.ahead:  # start of a block (or of a resumed run): sample the block now
+            if self.workers is not None:
+                self.workers.push_weights(self.student.model, version=step - 1)
             for t in range(step, step + block):
                 self.ahead[t] = self._produce(t, policy_version=step - 1)
         return self.ahead.pop(step)
@@ -62,7 +65,12 @@ class RolloutProducer:
             batch = self._teacher_samples(picks, examples, gen)
             sources = ["teacher"] * len(picks)
         else:
-            batch = self._sample(self.student.model, [self.prompts[i] for i in picks], gen, greedy=False)
+            prompts = [self.prompts[i] for i in picks]
+            uniforms = torch.rand(len(prompts), cfg.rollout.max_new_tokens, generator=gen)  # per row: splittable
+            if self.workers is not None and self.workers.rollout:
+                batch = self.workers.generate(prompts, uniforms, policy_version, self._options(greedy=False))
+            else:
+                batch = self._sample(self.student.model, prompts, gen, greedy=False, uniforms=uniforms)
             sources = ["student"] * len(picks)
         if n_anchor:
             rows = [rng.randrange(len(self.anchors)) for _ in range(n_anchor)]
@@ -73,13 +81,15 @@ class RolloutProducer:
             sources += ["anchor"] * n_anchor
         return Rollouts(batch, examples, sources, policy_version, teacher_sampled)
 
-    def _sample(self, model, prompts, gen, greedy):
+    def _options(self, greedy: bool) -> dict:
+        return dict(eos_id=self.tok.eos_token_id, pad_id=self.tok.pad_token_id, greedy=greedy,
+                    max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=self.cfg.rollout.temperature)
+
+    def _sample(self, model, prompts, gen, greedy, uniforms=None):
         was_training = model.training
         model.eval()  # sample from the deployed policy (no dropout)
         try:
-            return generate(model, prompts, eos_id=self.tok.eos_token_id, pad_id=self.tok.pad_token_id,
-                            max_new_tokens=self.cfg.rollout.max_new_tokens,
-                            temperature=self.cfg.rollout.temperature, greedy=greedy, generator=gen)
+            return generate(model, prompts, generator=gen, uniforms=uniforms, **self._options(greedy))
         finally:
             model.train(was_training)
 

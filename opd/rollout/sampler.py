@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from opd.rollout.fast_decode import LeanDecoder, supports
+
 
 @dataclass
 class Batch:
@@ -76,50 +78,127 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def choose_tokens(logits: torch.Tensor, uniforms: torch.Tensor | None, temperature: float,
+                  greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens [b] and their log-probs under softmax(logits / temperature).
+
+    Sampling inverts the CDF with one given uniform per row, so a row's draw depends on its own
+    uniform only, not on which other rows share the batch (rollouts split across workers match a
+    single process). `right=True` and u < 1 never select a zero-probability token.
+    """
+    logp = torch.log_softmax(logits.float() / (1.0 if greedy else temperature), dim=-1)
+    if greedy:
+        tok = logp.argmax(dim=-1)
+    else:
+        cdf = logp.exp().cumsum(dim=-1)
+        target = uniforms.clamp(max=1 - 2 ** -20)[:, None] * cdf[:, -1:]
+        tok = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logp.shape[-1] - 1)
+    return tok, logp.gather(1, tok[:, None]).squeeze(1)
+
+
+class _HFSteps:
+    """Decode through the model's own forward with a DynamicCache (any architecture)."""
+
+    def __init__(self, model, prompt_ids, prompt_mask, max_new_tokens):
+        from transformers import DynamicCache
+
+        self.model, self.mask = model, prompt_mask.clone()
+        self.cache = {_cache_kwarg(model): DynamicCache()}
+        self.pos = prompt_mask.sum(dim=1, keepdim=True)  # position of the first completion token
+
+    def prefill(self, prompt_ids) -> torch.Tensor:
+        out = self.model(input_ids=prompt_ids, attention_mask=self.mask, position_ids=position_ids(self.mask),
+                         use_cache=True, logits_to_keep=1, **self.cache)
+        return out.logits[:, -1, :]
+
+    def step(self, tok: torch.Tensor, t: int) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        out = self.model(input_ids=tok[:, None], attention_mask=self.mask, position_ids=self.pos + t,
+                         use_cache=True, **self.cache)
+        return out.logits[:, -1, :]
+
+    def keep(self, index: torch.Tensor):
+        next(iter(self.cache.values())).batch_select_indices(index)
+        self.mask, self.pos = self.mask[index], self.pos[index]
+
+
+class _LeanSteps(_HFSteps):
+    """The model's forward for the prompt, then the lean step (opd/rollout/fast_decode.py) on a
+    KV cache allocated once at its final length."""
+
+    def __init__(self, model, prompt_ids, prompt_mask, max_new_tokens):
+        super().__init__(model, prompt_ids, prompt_mask, max_new_tokens)
+        self.decoder = LeanDecoder(model)
+        self.width, self.total = prompt_ids.shape[1], prompt_ids.shape[1] + max_new_tokens
+        self.cos, self.sin = self.decoder.rope_tables(int(self.pos.max()) + max_new_tokens)
+        self.valid = torch.cat([prompt_mask.bool(), torch.ones(prompt_mask.shape[0], max_new_tokens, dtype=torch.bool)],
+                               dim=1)
+
+    def prefill(self, prompt_ids) -> torch.Tensor:
+        logits = super().prefill(prompt_ids)
+        self.kv = []
+        for layer in next(iter(self.cache.values())).layers:
+            k, v = layer.keys, layer.values
+            shape = (*k.shape[:2], self.total, k.shape[-1])
+            k_all, v_all = k.new_zeros(shape), v.new_zeros(shape)
+            k_all[:, :, :self.width], v_all[:, :, :self.width] = k, v
+            self.kv.append((k_all, v_all))
+        self.cache = None
+        return logits
+
+    def step(self, tok: torch.Tensor, t: int) -> torch.Tensor:
+        where = (self.pos[:, 0] + t).clamp(max=self.cos.shape[0] - 1)
+        return self.decoder.step(tok, self.cos[where], self.sin[where], self.kv, self.valid, self.width + t)
+
+    def keep(self, index: torch.Tensor):
+        self.kv = [(k[index], v[index]) for k, v in self.kv]
+        self.valid, self.pos = self.valid[index], self.pos[index]
+
+
 @torch.no_grad()  # not inference_mode: the returned ids feed autograd (gather) in the update
 def generate(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
-             temperature: float = 1.0, greedy: bool = False,
-             generator: torch.Generator | None = None) -> Batch:
+             temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
+             uniforms: torch.Tensor | None = None, fast: bool = True) -> Batch:
     """Sample (or greedily decode) completions for token-id prompts, with a KV cache.
 
-    Stops as soon as every row has produced EOS. Returns the log-prob of each chosen token under
+    Randomness: `uniforms` [B, max_new_tokens] (one per row and position), else drawn from
+    `generator`. `fast` uses the lean decode step for Llama-family models (else the model's own
+    forward). A row stops at its EOS; finished rows leave the batch once they are half of it, and
+    decoding ends when every row has finished. Returns the log-prob of each chosen token under
     softmax(logits / temperature) (the sampling policy), so the loss never has to recompute it.
     """
-    from transformers import DynamicCache
-
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     bsz = prompt_ids.shape[0]
-    mask = prompt_mask.clone()
-    cache = {_cache_kwarg(model): DynamicCache()}
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids(mask),
-                use_cache=True, logits_to_keep=1, **cache)
-    next_logits = out.logits[:, -1, :].float()
-    next_pos = mask.sum(dim=1, keepdim=True)  # position of the first completion token
-    tokens, logprobs, alive_steps = [], [], []
-    alive = torch.ones(bsz, dtype=torch.bool)
-    for _ in range(max_new_tokens):
-        logp = torch.log_softmax(next_logits / (1.0 if greedy else temperature), dim=-1)
-        if greedy:
-            tok = logp.argmax(dim=-1)
-        else:
-            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
-        tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
-        tokens.append(tok)
-        logprobs.append(logp.gather(1, tok[:, None]).squeeze(1))
-        alive_steps.append(alive.clone())
-        alive = alive & (tok != eos_id)
-        if not alive.any():
+    if uniforms is None and not greedy:
+        uniforms = torch.rand(bsz, max_new_tokens, generator=generator)
+    steps = (_LeanSteps if fast and supports(model) else _HFSteps)(model, prompt_ids, prompt_mask, max_new_tokens)
+    tokens = torch.full((bsz, max_new_tokens), pad_id, dtype=torch.long)
+    logprobs = torch.zeros(bsz, max_new_tokens)
+    written = torch.zeros(bsz, max_new_tokens, dtype=torch.long)
+    rows = torch.arange(bsz)  # the original row of each row still in the decode batch
+    live = torch.ones(bsz, dtype=torch.bool)  # not yet past its EOS
+    logits = steps.prefill(prompt_ids)
+    used = 0
+    for t in range(max_new_tokens):
+        tok, lp = choose_tokens(logits, None if greedy else uniforms[rows, t], temperature, greedy)
+        tok = torch.where(live, tok, pad_id)
+        tokens[rows, t], logprobs[rows, t], written[rows, t] = tok, lp * live, live.long()
+        used = t + 1
+        live = live & (tok != eos_id)
+        n_live = int(live.sum())
+        if n_live == 0 or used == max_new_tokens:
             break
-        mask = torch.cat([mask, torch.ones(bsz, 1, dtype=mask.dtype)], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                    use_cache=True, **cache)
-        next_logits = out.logits[:, -1, :].float()
-        next_pos = next_pos + 1
-    completion_mask = torch.stack(alive_steps, dim=1).long()
+        if n_live <= len(rows) // 2:  # drop finished rows: their decode work is wasted
+            index = live.nonzero().squeeze(1)
+            rows, tok, live = rows[index], tok[index], live[index]
+            steps.keep(index)
+        logits = steps.step(tok, t)
+    truncated = torch.zeros(bsz, dtype=torch.bool)
+    truncated[rows[live]] = True
     return Batch(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-        completion_ids=torch.stack(tokens, dim=1), completion_mask=completion_mask,
-        sample_logprobs=torch.stack(logprobs, dim=1) * completion_mask, truncated=alive,
+        completion_ids=tokens[:, :used], completion_mask=written[:, :used],
+        sample_logprobs=logprobs[:, :used], truncated=truncated,
     )
 
 

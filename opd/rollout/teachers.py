@@ -11,13 +11,35 @@ from dataclasses import dataclass
 
 import torch
 
-from opd.backends.hf import check_same_vocab, load_model
+from opd.backends.hf import check_same_vocab, load_model, native_bf16, weights_sha256
 from opd.errors import OpdError
-from opd.rollout.prompts import encode_prompts
+from opd.rollout.prompts import encode_answers, encode_prompts
 from opd.rollout.sampler import Batch, left_pad
 from opd.tasks.schema import PromptSchema
-from opd.objectives.select import token_logprobs
+from opd.train.chunked import TeacherScores
+from opd.train.sft import make_sft_batch
 from opd.train.step import score
+
+BF16_MAX_ERROR = 0.05  # nats; MEASURED.md: bf16 teacher log-probs were within 0.015 of float32 on W
+
+
+def auto_precision(model, probe: Batch, max_error: float = BF16_MAX_ERROR) -> dict:
+    """Cast a float32 teacher to bfloat16 if this machine computes it natively and its log-probs of
+    the probe's completion tokens stay within max_error nats of float32; returns what was decided."""
+    if not native_bf16():
+        return {"dtype": "float32", "reason": "no native bfloat16 on this machine"}
+    _, fp32 = score(model, probe)
+    model.to(torch.bfloat16)
+    _, bf16 = score(model, probe)
+    sel = probe.completion_mask.bool()
+    diff = (bf16 - fp32)[sel].abs()
+    keep = float(diff.max()) <= max_error
+    if not keep:
+        model.to(torch.float32)
+    return {"dtype": "bfloat16" if keep else "float32", "bf16_max_logprob_error": round(float(diff.max()), 5),
+            "bf16_mean_logprob_error": round(float(diff.mean()), 6), "probe_tokens": int(sel.sum()),
+            "threshold": max_error,
+            "reason": "native bfloat16, error within the threshold" if keep else "bfloat16 error above the threshold"}
 
 
 @dataclass
@@ -27,6 +49,8 @@ class Teacher:
     tasks: tuple  # task tags it scores; ("*",) = every tag without a teacher of its own
     schema: PromptSchema | None  # None = the student's schema
     remote: object = None  # RemoteTeacher (scores token ids over HTTP; returns log-probs, not logits)
+    dtype: str = "auto"  # requested precision (config); the one used is in `precision`
+    precision: dict | None = None  # the dtype used and why, with the measured bf16 error (manifest)
 
 
 def load_teachers(cfg, student_tok) -> list[Teacher]:
@@ -48,13 +72,14 @@ def load_teachers(cfg, student_tok) -> list[Teacher]:
             teachers.append(Teacher(name=str(spec.get("name", f"teacher{i}")), loaded=None,
                                     tasks=tuple(spec.get("tasks", ["*"])), schema=None, remote=_remote(spec)))
             continue
-        loaded = load_model(str(spec["model"]), dtype=spec.get("dtype", "float32"), revision=spec.get("revision"))
+        dtype = str(spec.get("dtype", "auto"))
+        loaded = load_model(str(spec["model"]), dtype=dtype, revision=spec.get("revision"))
         check_same_vocab(loaded.tokenizer, student_tok)
         schema = PromptSchema.from_spec(spec["prompt_schema"]) if spec.get("prompt_schema") else None
         if schema is None and cfg.task.teacher_prompt_schema is not None:
             schema = PromptSchema.from_spec(cfg.task.teacher_prompt_schema)
         teachers.append(Teacher(name=str(spec.get("name", f"teacher{i}")), loaded=loaded,
-                                tasks=tuple(spec.get("tasks", ["*"])), schema=schema))
+                                tasks=tuple(spec.get("tasks", ["*"])), schema=schema, dtype=dtype))
     return teachers
 
 
@@ -77,6 +102,7 @@ class TeacherPool:
         self.teachers, self.student_schema, self.tokenizer = teachers, student_schema, tokenizer
         self.by_tag = {tag: t for t in teachers for tag in t.tasks}
         self.has_logits = all(t.remote is None for t in teachers)  # remote teachers return log-probs only
+        self.workers = None  # RayWorkers when scale.teacher_workers run the teachers' forward passes
 
     def route(self, tag: str) -> Teacher:
         teacher = self.by_tag.get(tag) or self.by_tag.get("*")
@@ -104,11 +130,32 @@ class TeacherPool:
                                f"if the difference is on purpose")
         return report
 
-    def score(self, batch: Batch, examples) -> tuple[torch.Tensor | None, torch.Tensor, list[str]]:
-        """Each row scored by its tag's teacher: logits [B,T,V] (None if any teacher is remote),
-        log-probs of the sampled tokens [B,T], and the teacher name per row."""
+    def settle_precision(self, examples, n: int = 8) -> dict:
+        """Teachers with dtype auto score in bfloat16 where this machine computes it natively and the
+        measured error is small, else in float32. The error is measured on n held-in examples
+        (prompt + reference answer): max |log p_bf16 - log p_fp32| over the answer tokens."""
+        report = {}
+        for t in self.teachers:
+            if t.remote is not None:
+                continue
+            model = t.loaded.model
+            if t.dtype != "auto":
+                t.precision = {"dtype": t.dtype, "reason": "set in the config"}
+            else:
+                mine = [ex for ex in examples if self.route(ex.tag) is t][:n] or examples[:n]
+                prompts = encode_prompts(mine, t.schema or self.student_schema, t.loaded.tokenizer)
+                t.loaded.weights_hash = weights_sha256(model)  # the weights as stored, not as cast
+                t.precision = auto_precision(model, make_sft_batch(
+                    prompts, encode_answers(mine, t.loaded.tokenizer), self.tokenizer.pad_token_id))
+            report[t.name] = t.precision
+        return report
+
+    def score(self, batch: Batch, examples) -> tuple[TeacherScores | None, torch.Tensor, list[str]]:
+        """Each row scored by its tag's teacher: TeacherScores (hidden states + heads; None if any
+        teacher is remote), log-probs of the sampled tokens [B,T], and the teacher name per row."""
         names = [self.route(ex.tag).name for ex in examples]
-        logits, logprobs = None, torch.zeros(batch.completion_ids.shape)
+        logprobs = torch.zeros(batch.completion_ids.shape)
+        hidden, heads, owner = [], [], torch.zeros(len(names), dtype=torch.long)
         for t in self.teachers:
             rows = [i for i, n in enumerate(names) if n == t.name]
             if not rows:
@@ -121,13 +168,18 @@ class TeacherPool:
             if t.schema is not None:  # the teacher reads its own rendering of the same prompt
                 ids = encode_prompts([examples[i] for i in rows], t.schema, t.loaded.tokenizer)
                 sub.prompt_ids, sub.prompt_mask = left_pad(ids, self.tokenizer.pad_token_id)
-            part = score(t.loaded.model, sub)
-            logprobs[idx] = token_logprobs(part, sub.completion_ids)
+            hidden_states = self.workers.teacher_hidden(t.name, sub) if self.workers and self.workers.has_teacher(t.name) \
+                else None
+            part, part_lp = score(t.loaded.model, sub, hidden_states)
+            logprobs[idx] = part_lp
             if self.has_logits:
-                if logits is None:
-                    logits = part.new_zeros((batch.completion_ids.shape[0], *part.shape[1:]))
-                logits[idx] = part
-        return logits, logprobs * batch.completion_mask, names
+                full = part.hidden[0].new_zeros((len(names), *part.hidden[0].shape[1:]))
+                full[idx] = part.hidden[0]
+                owner[idx] = len(hidden)
+                hidden.append(full)
+                heads.append(part.heads[0])
+        scores = TeacherScores(hidden, heads, owner) if self.has_logits else None
+        return scores, logprobs * batch.completion_mask, names
 
     @staticmethod
     def _score_remote(remote, sub: Batch) -> torch.Tensor:

@@ -38,7 +38,7 @@ def code_version() -> dict:
 def model_entry(loaded, revision, dtype) -> dict:
     return {"name": loaded.name, "revision": revision, "dtype": dtype,
             "architecture": type(loaded.model).__name__, "num_params": loaded.num_params,
-            "weights_sha256": weights_sha256(loaded.model),
+            "weights_sha256": loaded.weights_hash or weights_sha256(loaded.model),
             "tokenizer_sha256": tokenizer_sha256(loaded.tokenizer)}
 
 
@@ -46,8 +46,8 @@ def teacher_entry(teacher, revision, dtype) -> dict:
     if teacher.remote is not None:  # weights are not visible from here: record where it was served
         return {"name": teacher.remote.url, "url": teacher.remote.url, "top_k": teacher.remote.top_k,
                 "weights_sha256": None, "health": _health(teacher.remote)}
-    return {**model_entry(teacher.loaded, revision, dtype or str(teacher.loaded.model.dtype)),
-            "model": teacher.loaded.name}
+    return {**model_entry(teacher.loaded, revision, str(teacher.loaded.model.dtype).removeprefix("torch.")),
+            "model": teacher.loaded.name, "precision": teacher.precision}
 
 
 def _health(remote):

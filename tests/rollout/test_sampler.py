@@ -2,6 +2,8 @@
 
 from types import SimpleNamespace
 
+import pytest
+
 import torch
 
 from opd.rollout.sampler import Batch, completion_logits, decode_completions, generate, left_pad
@@ -107,3 +109,71 @@ def test_decode_marks_special_tokens_and_truncation_ill_formed(tiny):
     assert texts[0] == ("12", True)
     assert texts[1][1] is False  # a PAD inside the answer is never a valid answer
     assert texts[2][1] is False  # no EOS: truncated
+
+
+def _random_lm(arch, vocab=24, seed=0):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+
+    cls = {"qwen3": Qwen3Config, "llama": LlamaConfig}[arch]
+    torch.manual_seed(seed)
+    cfg = cls(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_lean_decode_matches_the_model_forward_path(arch, monkeypatch):
+    """Same uniforms -> same tokens and log-probs through the lean step and the model's own forward,
+    with ragged left-padded prompts and rows leaving the batch at their EOS (compaction)."""
+    from opd.rollout import fast_decode, sampler
+
+    model = _random_lm(arch)
+    assert fast_decode.supports(model)
+    prompts = [[1, 5, 6, 7], [1, 8], [1, 9, 10, 11, 12, 13], [1, 3]] * 6
+    uniforms = torch.rand(len(prompts), 40, generator=torch.Generator().manual_seed(3))
+    kept = []
+    real_keep = sampler._LeanSteps.keep
+    monkeypatch.setattr(sampler._LeanSteps, "keep", lambda self, index: (kept.append(len(index)),
+                                                                           real_keep(self, index)))
+    fast = generate(model, prompts, eos_id=2, pad_id=0, max_new_tokens=40, uniforms=uniforms, fast=True)
+    plain = generate(model, prompts, eos_id=2, pad_id=0, max_new_tokens=40, uniforms=uniforms, fast=False)
+    assert kept, "no row finished early: the test does not exercise compaction"
+    assert torch.equal(fast.completion_ids, plain.completion_ids)
+    assert torch.equal(fast.completion_mask, plain.completion_mask)
+    assert torch.equal(fast.truncated, plain.truncated)
+    torch.testing.assert_close(fast.sample_logprobs, plain.sample_logprobs, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        logp = torch.log_softmax(completion_logits(model, fast).float(), -1)
+    logp = logp.gather(2, fast.completion_ids[..., None]).squeeze(2) * fast.completion_mask
+    torch.testing.assert_close(logp, fast.sample_logprobs, atol=1e-4, rtol=0)
+
+
+def test_lean_decode_samples_the_forward_pass_distribution():
+    """Second-token frequencies (drawn by the lean step) match softmax of a plain forward pass."""
+    model = _random_lm("qwen3", vocab=16, seed=1)
+    n, prompt = 12000, [1, 5, 6]
+    batch = generate(model, [prompt] * n, eos_id=99, pad_id=0, max_new_tokens=2,
+                     generator=torch.Generator().manual_seed(0), fast=True)
+    first = batch.completion_ids[:, 0]
+    top = int(torch.bincount(first).argmax())
+    rows = first == top
+    freq = torch.bincount(batch.completion_ids[rows, 1], minlength=16).float() / rows.sum()
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.tensor([prompt + [top]])).logits[0, -1].float(), -1)
+    se = torch.sqrt(expected * (1 - expected) / rows.sum())
+    assert (freq - expected).abs().max() < 4.5 * se.max()
+
+
+def test_a_rows_sample_does_not_depend_on_its_batch(tiny):
+    """One uniform per row and position: the rows of a batch come out the same when split in two
+    (what lets rollout workers share a batch and match a single process)."""
+    tok = tiny.tokenizer
+    prompts = [tok(p).input_ids for p in ["1+2=", "123+45=", "9=", "77+1="]]
+    uniforms = torch.rand(4, 10, generator=torch.Generator().manual_seed(5))
+    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=10)
+    whole = generate(tiny.model, prompts, uniforms=uniforms, **kw)
+    halves = [generate(tiny.model, prompts[i:i + 2], uniforms=uniforms[i:i + 2], **kw) for i in (0, 2)]
+    for i, part in enumerate(halves):
+        width = part.completion_ids.shape[1]
+        assert torch.equal(whole.completion_ids[2 * i:2 * i + 2, :width], part.completion_ids)
+        assert torch.equal(whole.completion_mask[2 * i:2 * i + 2, :width], part.completion_mask)

@@ -1,0 +1,70 @@
+"""Who samples the student's rollouts: one small interface, so the trainer need not care whether it
+is opd's own Hugging Face sampler (always available, CPU or GPU) or vLLM (opd/backends/vllm.py,
+optional, GPU only).
+
+Every backend returns the sampler's `Batch` with the same meaning (opd/rollout/sampler.py):
+prompts left-padded; the completion mask is 1 on every sampled token up to and including the first
+EOS; `sample_logprobs` are log-probs under softmax(logits / temperature) over the full vocabulary
+(no top-k, no top-p), because the losses and the importance weights use them as the sampling
+policy's; `truncated` marks rows with no EOS. tests/rollout/test_backend_contract.py holds every
+backend to this against a plain Hugging Face forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from opd.rollout.sampler import Batch, generate
+
+
+@runtime_checkable
+class RolloutBackend(Protocol):
+    """Samples completions with the weights it was last given, and says which version those are."""
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
+                 greedy: bool = False, seed: int = 0) -> Batch:
+        """Completions for token-id prompts; the same seed gives the same samples."""
+        ...
+
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Take the trainer's new weights (Hugging Face parameter names); `version` tags the policy."""
+        ...
+
+    @property
+    def version(self) -> int:
+        """Policy version of the weights now sampling (so a stale sample is never passed off as fresh)."""
+        ...
+
+
+class HFBackend:
+    """opd's KV-cache sampler (`opd.rollout.sampler.generate`) on a Hugging Face causal LM."""
+
+    def __init__(self, model, eos_id: int, pad_id: int, *, fast: bool = True, version: int = 0):
+        self.model, self.eos_id, self.pad_id, self.fast = model, eos_id, pad_id, fast
+        self._version = version
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
+                 greedy: bool = False, seed: int = 0) -> Batch:
+        """Sample from the deployed policy (eval mode: no dropout), randomness from `seed` alone."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return generate(self.model, prompts, eos_id=self.eos_id, pad_id=self.pad_id,
+                            max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
+                            generator=torch.Generator().manual_seed(seed), fast=self.fast)
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Copy the weights in place; strict, so a missing or misnamed tensor fails loudly instead of
+        leaving a stale weight behind."""
+        self.model.load_state_dict(dict(state_dict), strict=True)
+        self._version = version

@@ -1,0 +1,129 @@
+"""Logits in chunks of completion tokens: never [batch, length, vocab] float32 for both models at once.
+
+A causal LM is a body (tokens -> final hidden states [B, L, H]) and a head (hidden -> logits).
+Both models run their body once over the whole batch; the teacher keeps only its hidden states at
+the completion positions (H numbers per token instead of V). The loss then walks the completion
+tokens in chunks: student logits, teacher logits, the loss and its backward for one chunk, so the
+peak holds one chunk's logits (TRL issue #3764, teacher OOM). Every loss here is a sum over tokens
+divided by the batch's token count, so chunking changes neither the loss nor the gradient (tested).
+
+`split_lm` checks once per model that head(body(x)) reproduces model(x).logits (an architecture
+with e.g. logit soft-capping would not); otherwise the head is the identity and the "hidden
+states" are the full logits: correct, just not memory-bounded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from opd.rollout.sampler import Batch, position_ids
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB of float32): whole batch at small vocabularies
+
+
+def _identity(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
+
+
+@torch.no_grad()
+def split_lm(model):
+    """(body, head) of a Hugging Face causal LM, verified on a probe; cached on the model."""
+    cached = getattr(model, "_opd_split", None)
+    if cached is not None:
+        return cached
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = getattr(model, "model", None)
+    split = (None, _identity)
+    if head is not None and body is not None:
+        probe = torch.arange(4).remainder(model.config.vocab_size)[None]
+        was_training = model.training
+        model.eval()
+        try:
+            full = model(input_ids=probe, use_cache=False).logits.float()
+            mine = head(body(input_ids=probe, use_cache=False).last_hidden_state).float()
+            if torch.allclose(full, mine, rtol=1e-4, atol=1e-4 * float(full.abs().max()) + 1e-6):
+                split = (body, head)
+        finally:
+            model.train(was_training)
+    model._opd_split = split
+    return split
+
+
+def completion_hidden(model, batch: Batch) -> torch.Tensor:
+    """Final hidden states [B, T, H] that predict each completion token (full logits if no split)."""
+    body, _ = split_lm(model)
+    mask = batch.attention_mask
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+    start, width = batch.prompt_ids.shape[1] - 1, batch.completion_ids.shape[1]
+    if body is None:
+        return model(**kwargs).logits[:, start:start + width]
+    return body(**kwargs).last_hidden_state[:, start:start + width]
+
+
+def chunk_ranges(n_tokens: int, vocab: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+    """[(lo, hi)] covering n_tokens, each with at most chunk_elements logits (at least one token)."""
+    step = max(1, chunk_elements // max(vocab, 1))
+    return [(lo, min(lo + step, n_tokens)) for lo in range(0, n_tokens, step)]
+
+
+def token_logprobs_chunked(head, hidden: torch.Tensor, token_ids: torch.Tensor, vocab: int,
+                           chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """log p(token) [N] from hidden [N, H] and ids [N], one chunk of logits at a time."""
+    out = torch.empty(token_ids.shape[0])
+    for lo, hi in chunk_ranges(token_ids.shape[0], vocab, chunk_elements):
+        logp = torch.log_softmax(head(hidden[lo:hi]).float(), dim=-1)
+        out[lo:hi] = logp.gather(-1, token_ids[lo:hi, None]).squeeze(-1)
+    return out
+
+
+@dataclass
+class TeacherScores:
+    """The local teachers' view of a batch: hidden states, not logits.
+
+    hidden[g] [B, T, H_g]: teacher g's final hidden states at the completion positions (zero on rows
+    of other teachers); heads[g] turns them into logits; owner [B] is each row's teacher index.
+    """
+
+    hidden: list
+    heads: list
+    owner: torch.Tensor
+
+    def rows(self, index) -> "TeacherScores":
+        return TeacherScores([h[index] for h in self.hidden], self.heads, self.owner[index])
+
+    def flat(self, token_mask: torch.Tensor) -> "FlatTeacher":
+        """The completion tokens selected by token_mask [B, T] (row-major), as a flat sequence."""
+        sel = token_mask.bool()
+        owner = self.owner[:, None].expand(sel.shape)[sel]
+        return FlatTeacher([h[sel] for h in self.hidden], self.heads, owner)
+
+    def logits(self) -> torch.Tensor:
+        """Dense float32 logits [B, T, V] (tests and small batches only: this is what chunking avoids)."""
+        full = torch.ones(self.owner.shape[0], self.hidden[0].shape[1], dtype=torch.bool)
+        flat = self.flat(full)
+        return flat.logits(0, flat.owner.shape[0]).view(*full.shape, -1)
+
+
+@dataclass
+class FlatTeacher:
+    hidden: list  # [N, H_g] per teacher
+    heads: list
+    owner: torch.Tensor  # [N]
+
+    @torch.no_grad()
+    def logits(self, lo: int, hi: int) -> torch.Tensor:
+        """float32 teacher logits [hi - lo, V] of flat tokens lo..hi."""
+        if len(self.heads) == 1:
+            return self.heads[0](self.hidden[0][lo:hi]).float()
+        owner = self.owner[lo:hi]
+        out = None
+        for g, head in enumerate(self.heads):
+            rows = (owner == g).nonzero().squeeze(1)
+            if rows.numel():
+                part = head(self.hidden[g][lo:hi][rows]).float()
+                if out is None:
+                    out = part.new_zeros(hi - lo, part.shape[-1])
+                out[rows] = part
+        return out
