@@ -62,7 +62,10 @@ class ObjectiveConfig:
     # auto: exact full-vocabulary reverse KL when the teacher's logits are local (measured to close
     # 88-98% of the gap where the unclipped sampled form closed 6%); the clipped sampled-token
     # form when the teacher returns only log-probs.
-    name: str = "auto"  # auto | reverse_kl | sampled_reverse_kl | forward_kl | jsd | skew_kl | skew_reverse_kl
+    # topk_reverse_kl / topk_forward_kl: over the teacher's k likeliest tokens + one tail bucket (a served
+    # teacher's top-k log-probs, `teacher.top_k`; or a local teacher's top `top_k`)
+    name: str = "auto"  # auto | reverse_kl | sampled_reverse_kl | forward_kl | jsd | skew_kl | skew_reverse_kl | topk_*
+    top_k: int = 20  # topk_* with a local teacher: tokens kept per position (a served teacher: teacher.top_k)
     beta: float = 0.5  # jsd: interpolation; 0 = forward KL, 1 = reverse KL (GKD/TRL convention)
     alpha: float = 0.1  # skew_kl / skew_reverse_kl: skew towards the target distribution
     clip: float | None = 5.0  # sampled_reverse_kl: per-token advantage clip (None = off)
@@ -154,7 +157,7 @@ class DistillConfig:
 
 POSITIVE = {"train.max_nonfinite", "rollout.batch_size", "rollout.samples_per_prompt", "rollout.max_new_tokens", "train.steps",
             "train.eval_every", "eval.batch_size", "task.n_train", "task.n_eval"}
-NON_NEGATIVE = {"rollout.max_staleness", "train.stop_at_accuracy", "train.max_flops", "train.eval_every_flops", "method.reward_weight", "train.warmup_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.micro_batch_size", "train.logits_chunk", "scale.rollout_workers", "scale.teacher_workers", "eval.limit", "eval.max_new_tokens",
+NON_NEGATIVE = {"rollout.max_staleness", "train.stop_at_accuracy", "train.max_flops", "train.eval_every_flops", "method.reward_weight", "train.warmup_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.micro_batch_size", "train.logits_chunk", "objective.top_k", "scale.rollout_workers", "scale.teacher_workers", "eval.limit", "eval.max_new_tokens",
                 "train.grad_clip", "train.weight_decay"}
 
 

@@ -57,7 +57,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
     teachers = TeacherPool(load_teachers(cfg, tok), task.schema, tok)
     schema_check = teachers.check_schemas(task.train, cfg.task.allow_schema_mismatch)
     teachers.settle_precision(task.train)  # dtype auto: bf16 where native and accurate (error -> manifest)
-    objective = make_objective(cfg.objective, teacher_has_logits=teachers.has_logits)
+    objective = make_objective(cfg.objective, teacher_has_logits=teachers.has_logits, teacher_top_k=teachers.top_k)
     filters = build_filters(cfg.filters)
     samples = SampleStore(run.root)  # every rollout (kept or rejected, with its rule) and eval answer
     traces = load_jsonl(cfg.method.traces) if cfg.method.traces else None

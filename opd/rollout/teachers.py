@@ -16,6 +16,7 @@ from opd.errors import OpdError
 from opd.rollout.prompts import encode_answers, encode_prompts
 from opd.rollout.sampler import Batch, left_pad
 from opd.tasks.schema import PromptSchema
+from opd.objectives.divergences import teacher_topk
 from opd.train.chunked import TeacherScores
 from opd.train.sft import make_sft_batch
 from opd.train.step import score
@@ -102,6 +103,9 @@ class TeacherPool:
         self.teachers, self.student_schema, self.tokenizer = teachers, student_schema, tokenizer
         self.by_tag = {tag: t for t in teachers for tag in t.tasks}
         self.has_logits = all(t.remote is None for t in teachers)  # remote teachers return log-probs only
+        remote = [t.remote for t in teachers if t.remote is not None]
+        # a served teacher's top-k (teacher.top_k) feeds the topk_* objectives; 0 when any server sends none
+        self.top_k = min(r.top_k for r in remote) if remote else 0
         self.workers = None  # RayWorkers when scale.teacher_workers run the teachers' forward passes
 
     def route(self, tag: str) -> Teacher:
@@ -156,6 +160,10 @@ class TeacherPool:
         names = [self.route(ex.tag).name for ex in examples]
         logprobs = torch.zeros(batch.completion_ids.shape)
         hidden, heads, owner = [], [], torch.zeros(len(names), dtype=torch.long)
+        topk = None
+        if self.top_k and not self.has_logits:  # log-probs floored later; ids of absent entries are distinct
+            topk = (torch.full((*batch.completion_ids.shape, self.top_k), float("-inf")),
+                    torch.arange(self.top_k).expand(*batch.completion_ids.shape, -1).clone())
         for t in self.teachers:
             rows = [i for i, n in enumerate(names) if n == t.name]
             if not rows:
@@ -163,7 +171,9 @@ class TeacherPool:
             idx = torch.tensor(rows)
             sub = batch.rows(idx)
             if t.remote is not None:
-                logprobs[idx] = self._score_remote(t.remote, sub)
+                logprobs[idx], top = self._score_remote(t.remote, sub, self.top_k)
+                if topk is not None:
+                    topk[0][idx], topk[1][idx] = top
                 continue
             if t.schema is not None:  # the teacher reads its own rendering of the same prompt
                 ids = encode_prompts([examples[i] for i in rows], t.schema, t.loaded.tokenizer)
@@ -172,26 +182,38 @@ class TeacherPool:
                 else None
             part, part_lp = score(t.loaded.model, sub, hidden_states)
             logprobs[idx] = part_lp
+            if topk is not None:  # a local teacher next to a served one: its own top-k, at the same k
+                topk[0][idx], topk[1][idx] = teacher_topk(part.logits(), self.top_k)
             if self.has_logits:
                 full = part.hidden[0].new_zeros((len(names), *part.hidden[0].shape[1:]))
                 full[idx] = part.hidden[0]
                 owner[idx] = len(hidden)
                 hidden.append(full)
                 heads.append(part.heads[0])
-        scores = TeacherScores(hidden, heads, owner) if self.has_logits else None
+        scores = TeacherScores(hidden, heads, owner) if self.has_logits else \
+            TeacherScores([], [], owner, *topk) if topk is not None else None
         return scores, logprobs * batch.completion_mask, names
 
     @staticmethod
-    def _score_remote(remote, sub: Batch) -> torch.Tensor:
-        """Send prompt + completion token ids (no padding) and place the answer into [b, T]."""
+    def _score_remote(remote, sub: Batch, k: int = 0):
+        """Send prompt + completion token ids (no padding); the answer as [b, T] log-probs and, when
+        k > 0, the top-k as ([b, T, k] log-probs, [b, T, k] ids)."""
         seqs, starts = [], []
         for p_ids, p_mask, c_ids, c_mask in zip(sub.prompt_ids.tolist(), sub.prompt_mask.tolist(),
                                                 sub.completion_ids.tolist(), sub.completion_mask.tolist()):
             prompt = [t for t, m in zip(p_ids, p_mask) if m]
             seqs.append(prompt + [t for t, m in zip(c_ids, c_mask) if m])
             starts.append(len(prompt))
-        lps, _ = remote.score_tokens(seqs, starts)
+        lps, tops = remote.score_tokens(seqs, starts)
         out = torch.zeros(sub.completion_ids.shape)
+        top_lp = torch.full((*sub.completion_ids.shape, k), float("-inf"))
+        top_ids = torch.arange(k).expand(*sub.completion_ids.shape, -1).clone()
         for i, lp in enumerate(lps):
             out[i, :len(lp)] = torch.tensor(lp)
-        return out
+            for j, entries in enumerate(tops[i] if k else []):
+                best = sorted(entries.items(), key=lambda kv: -kv[1])[:k]
+                ids = [t for t, _ in best]
+                ids += [t for t in range(k + len(ids)) if t not in entries][:k - len(ids)]  # distinct fillers
+                top_ids[i, j] = torch.tensor(ids)
+                top_lp[i, j, :len(best)] = torch.tensor([v for _, v in best])
+        return out, (top_lp, top_ids)

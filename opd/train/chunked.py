@@ -84,20 +84,25 @@ class TeacherScores:
 
     hidden[g] [B, T, H_g]: teacher g's final hidden states at the completion positions (zero on rows
     of other teachers); heads[g] turns them into logits; owner [B] is each row's teacher index.
+    A served teacher sends no hidden states, only its top-k: topk_logprobs / topk_ids [B, T, K].
     """
 
     hidden: list
     heads: list
     owner: torch.Tensor
+    topk_logprobs: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None
 
     def rows(self, index) -> "TeacherScores":
-        return TeacherScores([h[index] for h in self.hidden], self.heads, self.owner[index])
+        topk = (None, None) if self.topk_ids is None else (self.topk_logprobs[index], self.topk_ids[index])
+        return TeacherScores([h[index] for h in self.hidden], self.heads, self.owner[index], *topk)
 
     def flat(self, token_mask: torch.Tensor) -> "FlatTeacher":
         """The completion tokens selected by token_mask [B, T] (row-major), as a flat sequence."""
         sel = token_mask.bool()
         owner = self.owner[:, None].expand(sel.shape)[sel]
-        return FlatTeacher([h[sel] for h in self.hidden], self.heads, owner)
+        topk = (None, None) if self.topk_ids is None else (self.topk_logprobs[sel], self.topk_ids[sel])
+        return FlatTeacher([h[sel] for h in self.hidden], self.heads, owner, *topk)
 
     def logits(self) -> torch.Tensor:
         """Dense float32 logits [B, T, V] (tests and small batches only: this is what chunking avoids)."""
@@ -111,6 +116,14 @@ class FlatTeacher:
     hidden: list  # [N, H_g] per teacher
     heads: list
     owner: torch.Tensor  # [N]
+    topk_logprobs: torch.Tensor | None = None  # [N, K]
+    topk_ids: torch.Tensor | None = None
+
+    def topk(self, lo: int, hi: int):
+        """(log-probs, ids) [hi - lo, 1, K] of the teacher's top-k at flat tokens lo..hi, or None."""
+        if self.topk_ids is None:
+            return None
+        return self.topk_logprobs[lo:hi, None], self.topk_ids[lo:hi, None]
 
     @torch.no_grad()
     def logits(self, lo: int, hi: int) -> torch.Tensor:

@@ -67,7 +67,8 @@ def update(student, optimizer, scheduler, objective, batch: Batch, teacher: Teac
     loss_is_kl = (method in USES_TEACHER_SCORES and objective.name == "reverse_kl" and not stale
                   and objective.params.get("temperature", 1.0) == 1.0)
     # sampled-token log-probs: only for the losses (and the k3 metric) that use them
-    needs_s_lp = method == "sft" or method in USES_REWARD or (scored and teacher is None)
+    has_logits = teacher is not None and bool(teacher.heads)
+    needs_s_lp = method == "sft" or method in USES_REWARD or (scored and not has_logits)
     for lo in range(0, rows, micro):
         sub = batch.rows(slice(lo, lo + micro))
         sel = sub.completion_mask.bool()
@@ -89,11 +90,12 @@ def update(student, optimizer, scheduler, objective, batch: Batch, teacher: Teac
             if method == "sft":
                 loss = -s_lp.sum() / n_tokens
             if scored:
-                t_logits = flat_teacher.logits(a, b)[:, None] if flat_teacher is not None else None
+                t_logits = flat_teacher.logits(a, b)[:, None] if has_logits else None
                 t_lp = t_lp_all[a:b] if t_lp_all is not None else token_logprobs(t_logits, ids[a:b])
                 if method in USES_TEACHER_SCORES:
                     divergence = objective.loss(s_logits, t_logits, t_lp, ids[a:b], mask, normalizer=n_tokens,
-                                                sampling_logprobs=sampled_lp[a:b] if stale else None)
+                                                sampling_logprobs=sampled_lp[a:b] if stale else None,
+                                                teacher_topk=flat_teacher.topk(a, b) if flat_teacher else None)
                     loss = loss + divergence
                 if loss_is_kl:
                     kl_sum += divergence.item() * n_tokens

@@ -170,3 +170,49 @@ def test_client_waits_for_restarted_server(model_dir, direct, caplog):
     for seq, got in zip(SEQS, lps):
         ref = direct(seq)
         assert got == pytest.approx([ref[j - 1, seq[j]].item() for j in range(1, len(seq))], abs=1e-5)
+
+
+def test_served_top_k_feeds_the_topk_objectives(server, model_dir):
+    """A served teacher's top-k log-probs give the bucketed top-k KL (loss and top-k ids) that the
+    same teacher computes locally from its logits."""
+    from types import SimpleNamespace
+
+    from opd.backends.hf import load_model
+    from opd.config import ObjectiveConfig, TrainConfig
+    from opd.objectives.select import make_objective
+    from opd.rollout.teachers import Teacher, TeacherPool
+    from opd.tasks.schema import PromptSchema
+    from opd.train.optim import make_optimizer
+    from opd.train.sft import make_sft_batch
+    from opd.train.step import update
+
+    k = 5
+    student = load_model(str(model_dir), trainable=True)
+    with torch.no_grad():
+        for p in student.model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    tok, schema = student.tokenizer, PromptSchema.from_spec("{prompt}")
+    batch = make_sft_batch([[1, 4, 5], [1, 6]], [[6, 7, 8, 2], [5, 2]], tok.pad_token_id)
+    examples = [SimpleNamespace(tag="default")] * 2
+    served = TeacherPool([Teacher("t", None, ("*",), None, remote=RemoteTeacher(server, api_key=TOKEN, top_k=k))],
+                         schema, tok)
+    local = TeacherPool([Teacher("t", load_model(str(model_dir)), ("*",), None, dtype="float32")], schema, tok)
+    assert served.top_k == k and not served.has_logits
+    losses = []
+    for pool, objective in ((served, make_objective(ObjectiveConfig(name="topk_reverse_kl"), False, served.top_k)),
+                            (local, make_objective(ObjectiveConfig(name="topk_reverse_kl", top_k=k)))):
+        scores, logprobs, _ = pool.score(batch, examples)
+        optimizer, scheduler = make_optimizer(student.model, lr=0.0)
+        losses.append(update(student.model, optimizer, scheduler, objective, batch, scores, TrainConfig(),
+                             teacher_logprobs=logprobs)["loss"])
+        if pool is served:
+            served_ids = scores.topk_ids
+        else:
+            from opd.objectives.divergences import teacher_topk
+
+            local_ids = teacher_topk(scores.logits(), k)[1]
+    mask = batch.completion_mask.bool()
+    assert torch.equal(served_ids[mask], local_ids[mask])
+    assert losses[0] > 0 and losses[0] == pytest.approx(losses[1], rel=1e-4)
+    with pytest.raises(OpdError, match="needs the teacher's top-k"):
+        make_objective(ObjectiveConfig(name="topk_reverse_kl"), teacher_has_logits=False, teacher_top_k=0)

@@ -3,7 +3,6 @@
 from types import SimpleNamespace
 
 import pytest
-
 import torch
 
 from opd.rollout.sampler import Batch, completion_logits, decode_completions, generate, left_pad
