@@ -381,3 +381,25 @@ def test_logged_reverse_kl_is_the_exact_per_token_kl(tiny_model_dir, objective):
     mask = batch.completion_mask.bool()
     _, stats = _grads(student, teacher, batch, objective)
     assert stats["reverse_kl"] == pytest.approx(float(expected[mask].mean()), rel=1e-5)
+
+
+def test_a_model_whose_head_is_not_a_plain_linear_keeps_full_logits(tiny_model_dir):
+    """If head(body(x)) does not reproduce the model's logits (e.g. logit soft-capping), the chunked
+    path falls back to the model's own logits instead of silently training on the wrong ones."""
+    from opd.train.chunked import split_lm
+    from opd.rollout.sampler import completion_logits
+
+    teacher = load_model(str(tiny_model_dir)).model
+    real_forward = teacher.forward
+
+    def capped(*a, **kw):
+        out = real_forward(*a, **kw)
+        out.logits = 3.0 * torch.tanh(out.logits / 3.0)
+        return out
+
+    teacher.forward = capped
+    body, head = split_lm(teacher)
+    assert body is None and head(torch.ones(2)).tolist() == [1.0, 1.0]
+    batch = _tiny_batch(load_model(str(tiny_model_dir)).tokenizer)
+    scores, _ = score(teacher, batch)
+    torch.testing.assert_close(scores.logits(), completion_logits(teacher, batch).float())

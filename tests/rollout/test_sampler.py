@@ -176,3 +176,17 @@ def test_a_rows_sample_does_not_depend_on_its_batch(tiny):
         width = part.completion_ids.shape[1]
         assert torch.equal(whole.completion_ids[2 * i:2 * i + 2, :width], part.completion_ids)
         assert torch.equal(whole.completion_mask[2 * i:2 * i + 2, :width], part.completion_mask)
+
+
+def test_lean_decode_in_bfloat16_returns_the_models_own_logprobs():
+    """A bf16 model (the teacher's default precision where native) decodes through the lean step
+    with log-probs that a plain bf16 forward pass gives for the same tokens."""
+    model = _random_lm("qwen3", seed=2).to(torch.bfloat16)
+    prompts = [[1, 5, 6, 7], [1, 8], [1, 9, 10, 11, 12, 13]] * 4
+    batch = generate(model, prompts, eos_id=2, pad_id=0, max_new_tokens=16,
+                     generator=torch.Generator().manual_seed(0), fast=True)
+    with torch.no_grad():
+        logp = torch.log_softmax(completion_logits(model, batch).float(), -1)
+    logp = logp.gather(2, batch.completion_ids[..., None]).squeeze(2) * batch.completion_mask
+    assert batch.completion_mask.sum() > 20
+    torch.testing.assert_close(logp, batch.sample_logprobs, atol=5e-2, rtol=0)
