@@ -185,8 +185,10 @@ class TeacherPool:
             if topk is not None:  # a local teacher next to a served one: its own top-k, at the same k
                 topk[0][idx], topk[1][idx] = teacher_topk(part.logits(), self.top_k)
             if self.has_logits:
-                full = part.hidden[0].new_zeros((len(names), *part.hidden[0].shape[1:]))
-                full[idx] = part.hidden[0]
+                full = part.hidden[0]
+                if len(rows) < len(names):  # several teachers: each keeps its rows in a full-size tensor
+                    full = full.new_zeros((len(names), *full.shape[1:]))
+                    full[idx] = part.hidden[0]
                 owner[idx] = len(hidden)
                 hidden.append(full)
                 heads.append(part.heads[0])

@@ -58,7 +58,7 @@ def update(student, optimizer, scheduler, objective, batch: Batch, teacher: Teac
     n_tokens = max(int(batch.completion_mask.sum()), 1)
     rows = batch.prompt_ids.shape[0]
     micro = cfg.micro_batch_size or rows
-    chunk_elements = getattr(cfg, "logits_chunk", 0) or DEFAULT_CHUNK_ELEMENTS
+    chunk_elements = cfg.logits_chunk or DEFAULT_CHUNK_ELEMENTS
     _, head = split_lm(student)
     vocab = student.config.vocab_size
     total_loss, kl_sum, teacher_lp_sum = 0.0, 0.0, 0.0
