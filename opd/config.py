@@ -92,6 +92,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     max_nonfinite: int = 3  # a non-finite loss/gradient skips the update; abort after this many in a row
     micro_batch_size: int = 0  # rows per forward/backward (gradient accumulation); 0 = whole batch
+    # the student's forward/backward: float32, or bfloat16 autocast (float32 weights, optimizer and loss);
+    # auto = bfloat16 where the hardware computes it natively. bench/NOTES.md: bf16 made W's update 12-15%
+    # faster on this CPU, slower on an AMX one, and the demo no faster and slightly worse: float32 by default
+    precision: str = "float32"  # float32 | bfloat16 | auto
     # the loss walks completion tokens in chunks of at most this many logits (per model, float32), so
     # memory does not grow with batch x length x vocabulary; the default is one chunk at small vocabularies
     logits_chunk: int = 4_194_304  # logits per chunk (16 MiB float32)
@@ -265,6 +269,8 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     for key in ("beta", "alpha"):
         if not 0.0 <= getattr(cfg.objective, key) <= 1.0:
             raise OpdError(f"objective.{key} must be in [0, 1], got {getattr(cfg.objective, key)}")
+    if cfg.train.precision not in ("auto", "float32", "bfloat16"):
+        raise OpdError(f"train.precision must be auto, float32 or bfloat16, got {cfg.train.precision!r}")
     if cfg.student.dtype not in ("auto", "float32"):
         raise OpdError("student.dtype: the student trains in float32 (set the teacher's dtype instead)")
     if cfg.rollout.max_staleness and cfg.rollout.temperature != 1.0:

@@ -181,9 +181,10 @@ def student_and_teacher(model_dir):
     return student, teacher
 
 
-def _grads(student, teacher, batch, objective_name="auto", micro=0, chunk=None, method="opd"):
+def _grads(student, teacher, batch, objective_name="auto", micro=0, chunk=None, method="opd", precision="float32"):
     cfg = load_config(None, ["teacher.model=t", "student.model=s", "task.builtin=x",
-                             f"objective.name={objective_name}", f"train.micro_batch_size={micro}"]
+                             f"objective.name={objective_name}", f"train.micro_batch_size={micro}",
+                             f"train.precision={precision}"]  # exact identities need float32 arithmetic
                       + ([f"train.logits_chunk={chunk}"] if chunk else []))
     student.model.zero_grad()
     opt, sched = make_optimizer(student.model, lr=0.0)
@@ -247,6 +248,19 @@ def test_chunked_teacher_logits_match_a_plain_forward(tiny_model_dir):
     torch.testing.assert_close(scores.logits(), direct, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logprobs, token_logprobs(direct, batch.completion_ids) * batch.completion_mask,
                                atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_autocast_update_stays_close_to_float32(tiny_model_dir):
+    """train.precision bfloat16: the student's matmuls run in bf16 (the gradient differs from float32)
+    while weights, loss and optimizer stay float32 (the difference is small)."""
+    student, teacher = student_and_teacher(tiny_model_dir)
+    batch = _tiny_batch(student.tokenizer)
+    g32, s32 = _grads(student, teacher, batch, precision="float32")
+    g16, s16 = _grads(student, teacher, batch, precision="bfloat16")
+    assert not torch.equal(g32, g16)
+    assert float((g16 - g32).norm() / g32.norm()) < 0.05
+    assert s16["loss"] == pytest.approx(s32["loss"], rel=0.05)
+    assert all(p.dtype == torch.float32 for p in student.model.parameters())
 
 
 def test_micro_batches_give_the_same_update(tiny_model_dir):
@@ -403,3 +417,42 @@ def test_a_model_whose_head_is_not_a_plain_linear_keeps_full_logits(tiny_model_d
     batch = _tiny_batch(load_model(str(tiny_model_dir)).tokenizer)
     scores, _ = score(teacher, batch)
     torch.testing.assert_close(scores.logits(), completion_logits(teacher, batch).float())
+
+
+@pytest.mark.parametrize("method", ["opd", "rl"])
+def test_update_gradient_equals_plain_autograd_on_full_logits(tiny_model_dir, method):
+    """The chunked update (student body once, head + loss per chunk, gradient handed back to the body;
+    the head tied to the embedding) gives the gradient of the textbook loss on full logits."""
+    from opd.objectives.divergences import reverse_kl
+    from opd.objectives.reward import policy_gradient_loss
+    from opd.objectives.select import token_logprobs
+    from opd.rollout.sampler import completion_logits
+
+    student, teacher = student_and_teacher(tiny_model_dir)
+    batch = _tiny_batch(student.tokenizer)
+    advantages = torch.tensor([1.0, -0.5])
+    mask, model = batch.completion_mask, student.model
+    logits = completion_logits(model, batch).float()
+    if method == "opd":
+        loss = reverse_kl(logits, completion_logits(teacher.model, batch).float().detach(), mask, normalizer=mask.sum())
+    else:
+        loss = policy_gradient_loss(token_logprobs(logits, batch.completion_ids), advantages, mask, normalizer=mask.sum())
+    model.zero_grad()
+    loss.backward()
+    expected = torch.cat([p.grad.flatten() for p in model.parameters()]).clone()
+    model.zero_grad()
+    cfg = load_config(None, ["teacher.model=t", "student.model=s", "task.builtin=x", "train.precision=float32",
+                             "train.grad_clip=0"])
+    opt, sched = make_optimizer(model, lr=0.0)
+    captured, real_step = {}, opt.step
+
+    def capture():
+        captured["g"] = torch.cat([p.grad.flatten() for p in model.parameters()]).clone()
+        real_step()
+
+    opt.step = capture
+    scores, teacher_lp = score(teacher.model, batch)
+    stats = loop.update(model, opt, sched, make_objective(cfg.objective), batch, scores, cfg.train, method=method,
+                        teacher_logprobs=teacher_lp, advantages=advantages if method == "rl" else None)
+    assert stats["loss"] == pytest.approx(float(loss), rel=1e-5)
+    torch.testing.assert_close(captured["g"], expected, atol=1e-6, rtol=1e-4)

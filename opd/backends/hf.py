@@ -6,6 +6,7 @@ Everything downstream treats a folder written by `init_model` exactly like a hub
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -129,6 +130,7 @@ def load_model(name_or_path: str, dtype: str = "float32", revision: str | None =
     return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)
 
 
+@functools.cache
 def native_bf16() -> bool:
     """Whether this machine computes bfloat16 matmuls natively: a CUDA GPU with bf16, or a CPU with
     AVX512-BF16 or AMX (elsewhere bf16 is emulated and slower than float32)."""

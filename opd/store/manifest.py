@@ -61,11 +61,14 @@ def build_manifest(cfg, teachers, student, task, objective, filters, schema_chec
     import torch
     import transformers
 
+    from opd.train.step import student_precision
+
     return {
         "teacher": teacher_entry(teachers.teachers[0], cfg.teacher.revision, cfg.teacher.dtype),
         "teachers": [{**teacher_entry(t, None, None), "name": t.name, "tasks": list(t.tasks)}
                      for t in teachers.teachers],
-        "student": model_entry(student, cfg.student.revision, cfg.student.dtype),
+        "student": {**model_entry(student, cfg.student.revision, str(student.model.dtype).removeprefix("torch.")),
+                    "train_precision": student_precision(cfg.train.precision)},
         "tokenizer": {"sha256": tokenizer_sha256(student.tokenizer), "vocab_size": len(student.tokenizer),
                       "eos": student.tokenizer.eos_token, "pad": student.tokenizer.pad_token},
         "task": {**task.describe(),

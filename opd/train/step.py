@@ -45,6 +45,13 @@ def score(teacher, batch: Batch, hidden: torch.Tensor | None = None) -> tuple[Te
     return TeacherScores([hidden], [head], torch.zeros(hidden.shape[0], dtype=torch.long)), logprobs
 
 
+def student_precision(name: str) -> str:
+    """train.precision resolved: auto = bfloat16 autocast where this machine computes bf16 natively."""
+    from opd.backends.hf import native_bf16
+
+    return ("bfloat16" if native_bf16() else "float32") if name == "auto" else name
+
+
 def update(student, optimizer, scheduler, objective, batch: Batch, teacher: TeacherScores | None, cfg, *,
            teacher_logprobs=None, method: str = "opd", advantages=None, reward_weight: float = 1.0,
            stale: bool = False) -> dict:
@@ -59,6 +66,9 @@ def update(student, optimizer, scheduler, objective, batch: Batch, teacher: Teac
     rows = batch.prompt_ids.shape[0]
     micro = cfg.micro_batch_size or rows
     chunk_elements = cfg.logits_chunk or DEFAULT_CHUNK_ELEMENTS
+    # bf16 autocast for the student's matmuls (weights, gradients, optimizer and the loss stay float32)
+    autocast = torch.autocast("cpu" if student.device.type == "cpu" else student.device.type, dtype=torch.bfloat16,
+                              enabled=student_precision(cfg.precision) == "bfloat16")
     _, head = split_lm(student)
     vocab = student.config.vocab_size
     total_loss, kl_sum, teacher_lp_sum = 0.0, 0.0, 0.0
@@ -75,7 +85,8 @@ def update(student, optimizer, scheduler, objective, batch: Batch, teacher: Teac
         n = int(sel.sum())
         if n == 0:
             continue
-        hidden = completion_hidden(student, sub)[sel]  # [n, H] (or [n, V] logits without a head split)
+        with autocast:
+            hidden = completion_hidden(student, sub)[sel]  # [n, H] (or [n, V] logits without a head split)
         leaf = hidden.detach().requires_grad_()
         ids = sub.completion_ids[sel][:, None]  # each token is a row of length 1: [n, 1]
         flat_teacher = teacher.rows(slice(lo, lo + micro)).flat(sel) if teacher is not None else None
@@ -83,7 +94,9 @@ def update(student, optimizer, scheduler, objective, batch: Batch, teacher: Teac
         sampled_lp = sub.sample_logprobs[sel][:, None] if stale else None
         adv = advantages[lo:lo + micro][:, None].expand(sel.shape)[sel] if advantages is not None else None
         for a, b in chunk_ranges(n, vocab, chunk_elements):
-            s_logits = head(leaf[a:b]).float()[:, None]  # [c, 1, V]
+            with autocast:
+                s_logits = head(leaf[a:b])
+            s_logits = s_logits.float()[:, None]  # [c, 1, V]
             mask = torch.ones(b - a, 1, dtype=torch.long)
             s_lp = token_logprobs(s_logits, ids[a:b]) if needs_s_lp else None
             loss = s_logits.new_zeros(())
