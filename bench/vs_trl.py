@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from efficiency import child_peaks, efficiency  # noqa: E402  (bench/ is this script's folder)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -67,7 +69,6 @@ def n_params(m) -> int:
 
 
 def child_opd(spec: dict) -> dict:
-    import types
 
     import torch
 
@@ -116,32 +117,6 @@ def child_opd(spec: dict) -> dict:
         kept = split[spec["warmup"]:]
         out["split_s"] = {k: statistics.median(x[i] for x in kept) for i, k in enumerate(("sample", "score", "update"))}
     return out
-
-
-def child_peaks(spec: dict) -> dict:
-    """This machine's matmul peak (GFLOP/s) in float32 and bfloat16: median of 30 [2048,1024]x[1024,1024]."""
-    import torch
-
-    out = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(2048, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
-        for _ in range(3):
-            a @ b
-        times = []
-        for _ in range(30):
-            t0 = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t0)
-        out[f"{name}_gflops"] = 2 * 2048 * 1024 * 1024 / statistics.median(times) / 1e9
-    return out
-
-
-def step_model_flops(params: dict) -> dict:
-    """Model FLOPs of one W step (matmuls, 2 per weight per token; attention scores left out): sampling
-    (prefill + decode) and the teacher pass are forward only, the student update forward + backward."""
-    tokens = BATCH * (PROMPT_LEN + NEW_TOKENS)
-    return {"sample": 2 * params["student"] * tokens, "score": 2 * params["teacher"] * tokens,
-            "update": 6 * params["student"] * tokens}
 
 
 def child_trl(spec: dict) -> dict:
@@ -219,7 +194,7 @@ def child_main(spec: dict, result_path: str):
     import torch
 
     torch.set_num_threads(spec["threads"])
-    child = {"opd": child_opd, "peaks": child_peaks}.get(spec["variant"], child_trl)
+    child = {"opd": child_opd, "peaks": child_peaks}.get(spec["variant"], child_trl)  # peaks: efficiency.py
     out = child(spec)
     out.update(spec=spec, peak_rss_mb=rss_mb(), torch_threads=torch.get_num_threads())
     with open(result_path, "w") as f:
@@ -273,24 +248,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
-
-
-def efficiency(params: dict, peaks: dict, opd_s: dict, trl_best_s: dict) -> dict:
-    """Model FLOP/s of opd's W step as a share of the fp32 and bf16 matmul peaks measured in this run,
-    and the FLOP floor (teacher pass at the bf16 peak, everything else at the fp32 peak)."""
-    flops = step_model_flops(params)
-    total = sum(flops.values())
-    out = {"step_model_flops": flops}
-    for t in (1, 2):
-        achieved = total / opd_s[t] / 1e9
-        floor_s = flops["score"] / (peaks[t]["bf16_gflops"] * 1e9) + \
-            (flops["sample"] + flops["update"]) / (peaks[t]["fp32_gflops"] * 1e9)
-        out[f"{t}_thread"] = {"peak_fp32_gflops": peaks[t]["fp32_gflops"], "peak_bf16_gflops": peaks[t]["bf16_gflops"],
-                              "achieved_gflops": achieved,
-                              "share_of_fp32_peak": achieved / peaks[t]["fp32_gflops"],
-                              "share_of_bf16_peak": achieved / peaks[t]["bf16_gflops"],
-                              "floor_s_per_step": floor_s, "floor_ratio_vs_trl_best": floor_s / trl_best_s[t]}
-    return out
 
 
 def main():
@@ -375,7 +332,7 @@ def main():
         "opd_time_split_s_1thread": instr["split_s"],
         "opd_instrumented_run_s_per_step": instr["median_s"],
         "opd_teacher_precision": instr["teacher_precision"],
-        "efficiency": efficiency(instr["params"], peaks, {t: med("opd", t) for t in (1, 2)},
+        "efficiency": efficiency(instr["params"], BATCH * (PROMPT_LEN + NEW_TOKENS), peaks, {t: med("opd", t) for t in (1, 2)},
                                  {t: med(best[t], t) for t in (1, 2)}),
         "summary": summary,
         "runs": runs if a.quick else runs + [instr],
