@@ -62,6 +62,22 @@ def config(root, paths, dirs, *extra):
                               "train.warmup_steps=5", f"out={root / 'run'}", *extra])
 
 
+def crash_at_update(monkeypatch, n: int, cfg) -> None:
+    """Run distill with the n-th update raising (a simulated crash), then restore the real update."""
+    real_update, calls = loop.update, {"n": 0}
+
+    def crashing_update(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("simulated crash")
+        return real_update(*a, **kw)
+
+    monkeypatch.setattr(loop, "update", crashing_update)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        loop.distill(cfg, progress=False)
+    monkeypatch.setattr(loop, "update", real_update)
+
+
 @pytest.mark.slow
 def test_distill_moves_a_weak_student_to_the_teacher(task_and_models, monkeypatch):
     root, paths, dirs = task_and_models
@@ -127,20 +143,8 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(task_and_models, monk
     common = ["train.steps=10", "train.checkpoint_every=4", "train.eval_every=5"]
     straight = loop.distill(config(root, paths, dirs, f"out={root / 'r-straight'}", *common), progress=False)
 
-    real_update = loop.update
-    calls = {"n": 0}
-
-    def crashing_update(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise RuntimeError("simulated crash")
-        return real_update(*a, **kw)
-
-    monkeypatch.setattr(loop, "update", crashing_update)
     cfg = config(root, paths, dirs, f"out={root / 'r-crash'}", *common)
-    with pytest.raises(RuntimeError):
-        loop.distill(cfg, progress=False)
-    monkeypatch.setattr(loop, "update", real_update)
+    crash_at_update(monkeypatch, 7, cfg)
     resumed = loop.distill(cfg, resume=True, progress=False)
 
     a = load_model(str(root / "r-straight" / "student")).model
@@ -236,18 +240,7 @@ def test_unknown_filter_rule_is_a_config_error():
 def test_resume_without_a_checkpoint_starts_over_without_duplicates(task_and_models, monkeypatch):
     root, paths, dirs = task_and_models
     cfg = config(root, paths, dirs, f"out={root / 'r-nockpt'}", "train.steps=6", "train.eval_every=3")
-    real_update, calls = loop.update, {"n": 0}
-
-    def crashing_update(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise RuntimeError("simulated crash before any checkpoint")
-        return real_update(*a, **kw)
-
-    monkeypatch.setattr(loop, "update", crashing_update)
-    with pytest.raises(RuntimeError):
-        loop.distill(cfg, progress=False)
-    monkeypatch.setattr(loop, "update", real_update)
+    crash_at_update(monkeypatch, 4, cfg)  # before any checkpoint
     loop.distill(cfg, resume=True, progress=False)
     steps = [json.loads(l)["step"] for l in (root / "r-nockpt" / "metrics.jsonl").read_text().splitlines()]
     evals = [json.loads(l)["step"] for l in (root / "r-nockpt" / "eval.jsonl").read_text().splitlines()]

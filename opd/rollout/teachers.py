@@ -134,11 +134,11 @@ class TeacherPool:
                                f"if the difference is on purpose")
         return report
 
-    def settle_precision(self, examples, n: int = 8) -> dict:
+    def settle_precision(self, examples, n: int = 8) -> None:
         """Teachers with dtype auto score in bfloat16 where this machine computes it natively and the
         measured error is small, else in float32. The error is measured on n held-in examples
-        (prompt + reference answer): max |log p_bf16 - log p_fp32| over the answer tokens."""
-        report = {}
+        (prompt + reference answer): max |log p_bf16 - log p_fp32| over the answer tokens. The decision
+        is kept on each teacher (`precision`, written to the manifest)."""
         for t in self.teachers:
             if t.remote is not None:
                 continue
@@ -151,8 +151,6 @@ class TeacherPool:
                 t.loaded.weights_hash = weights_sha256(model)  # the weights as stored, not as cast
                 t.precision = auto_precision(model, make_sft_batch(
                     prompts, encode_answers(mine, t.loaded.tokenizer), self.tokenizer.pad_token_id))
-            report[t.name] = t.precision
-        return report
 
     def score(self, batch: Batch, examples) -> tuple[TeacherScores | None, torch.Tensor, list[str]]:
         """Each row scored by its tag's teacher: TeacherScores (hidden states + heads; None if any

@@ -35,18 +35,19 @@ def code_version() -> dict:
     return info
 
 
-def model_entry(loaded, revision, dtype) -> dict:
-    return {"name": loaded.name, "revision": revision, "dtype": dtype,
+def model_entry(loaded, revision) -> dict:
+    """The model as loaded; `dtype` is the precision it runs in (a teacher may be cast from its stored one)."""
+    return {"name": loaded.name, "revision": revision, "dtype": str(loaded.model.dtype).removeprefix("torch."),
             "architecture": type(loaded.model).__name__, "num_params": loaded.num_params,
             "weights_sha256": loaded.weights_hash or weights_sha256(loaded.model),
             "tokenizer_sha256": tokenizer_sha256(loaded.tokenizer)}
 
 
-def teacher_entry(teacher, revision, dtype) -> dict:
+def teacher_entry(teacher, revision) -> dict:
     if teacher.remote is not None:  # weights are not visible from here: record where it was served
         return {"name": teacher.remote.url, "url": teacher.remote.url, "top_k": teacher.remote.top_k,
                 "weights_sha256": None, "health": _health(teacher.remote)}
-    return {**model_entry(teacher.loaded, revision, str(teacher.loaded.model.dtype).removeprefix("torch.")),
+    return {**model_entry(teacher.loaded, revision),
             "model": teacher.loaded.name, "precision": teacher.precision}
 
 
@@ -64,10 +65,10 @@ def build_manifest(cfg, teachers, student, task, objective, filters, schema_chec
     from opd.train.step import student_precision
 
     return {
-        "teacher": teacher_entry(teachers.teachers[0], cfg.teacher.revision, cfg.teacher.dtype),
-        "teachers": [{**teacher_entry(t, None, None), "name": t.name, "tasks": list(t.tasks)}
+        "teacher": teacher_entry(teachers.teachers[0], cfg.teacher.revision),
+        "teachers": [{**teacher_entry(t, None), "name": t.name, "tasks": list(t.tasks)}
                      for t in teachers.teachers],
-        "student": {**model_entry(student, cfg.student.revision, str(student.model.dtype).removeprefix("torch.")),
+        "student": {**model_entry(student, cfg.student.revision),
                     "train_precision": student_precision(cfg.train.precision)},
         "tokenizer": {"sha256": tokenizer_sha256(student.tokenizer), "vocab_size": len(student.tokenizer),
                       "eos": student.tokenizer.eos_token, "pad": student.tokenizer.pad_token},

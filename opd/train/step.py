@@ -67,7 +67,7 @@ def update(student, optimizer, scheduler, objective, batch: Batch, teacher: Teac
     micro = cfg.micro_batch_size or rows
     chunk_elements = cfg.logits_chunk or DEFAULT_CHUNK_ELEMENTS
     # bf16 autocast for the student's matmuls (weights, gradients, optimizer and the loss stay float32)
-    autocast = torch.autocast("cpu" if student.device.type == "cpu" else student.device.type, dtype=torch.bfloat16,
+    autocast = torch.autocast(student.device.type, dtype=torch.bfloat16,
                               enabled=student_precision(cfg.precision) == "bfloat16")
     _, head = split_lm(student)
     vocab = student.config.vocab_size
