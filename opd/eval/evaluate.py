@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from opd.stats import wilson
 from opd.rollout.prompts import encode_prompts
 from opd.rollout.sampler import decode_completions, generate
 
@@ -15,14 +15,9 @@ class EvalResult:
     n: int
     records: list[dict] = field(default_factory=list)  # prompt, completion, expected, correct, well_formed
 
-    @property
-    def stderr(self) -> float:
-        """Binomial standard error of the accuracy."""
-        return math.sqrt(max(self.accuracy * (1 - self.accuracy), 0.0) / max(self.n, 1))
-
     def interval95(self) -> tuple[float, float]:
-        half = 1.96 * self.stderr
-        return max(0.0, self.accuracy - half), min(1.0, self.accuracy + half)
+        """95% Wilson interval (the one the report and compare use)."""
+        return wilson(self.accuracy, self.n)
 
 
 def evaluate(model, tokenizer, examples, schema, verifier, *, max_new_tokens: int,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opd.errors import OpdError
+from opd.stats import wilson  # noqa: F401  (re-exported for plots/html)
 from opd.store.rundir import atomic_write_text, read_jsonl
 
 TITLES = {
@@ -67,16 +68,6 @@ def load_run(run_dir: str | Path) -> RunFiles:
     config = yaml.safe_load((root / "config.yaml").read_text()) if (root / "config.yaml").exists() else {}
     return RunFiles(root, config or {}, _read_json(root / "manifest.json"), _read_json(root / "summary.json"),
                     read_jsonl(root / "metrics.jsonl"), read_jsonl(root / "eval.jsonl"))
-
-
-def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion: sane at p = 0 or 1 and for small n, unlike p ± 1.96·se."""
-    if n <= 0:
-        return 0.0, 1.0
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
 
 
 def accuracies(run: RunFiles) -> dict[str, tuple[float, int] | None]:
