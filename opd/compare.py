@@ -1,34 +1,94 @@
-"""`opd compare`: every method from the same student start, on the same prompts, at equal compute.
+"""`opd compare`: every method from the same student start, on the same prompts, at equal compute,
+evaluated on the same grids.
 
-OPD runs first; its FLOPs to 90% of the teacher's accuracy set the RL budget (`rl_budget` × that,
-at least 10×, so "RL never reached it" means something). Curves are evaluated on a schedule of
-cumulative FLOPs and written to compare.json / compare.png with a printed table.
+1. The grids are fixed before any measured run. The step grid is the base config's `train.eval_every`;
+   the FLOP grid's spacing is OPD's projected FLOPs for its `train.steps` / `evals_per_run`, projected
+   from a short OPD pilot run (`pilot_steps`; skipped when `eval_every_flops` is given). Every run of
+   every method then evaluates after each step on the step grid and after each step whose cumulative
+   FLOPs cross a multiple of the spacing (`opd.schedule.Schedule`), so no method is measured at a finer
+   resolution than another. compare's knobs go into the Schedule, never into `train:`.
+2. OPD runs first: the target is 90% of the teacher's accuracy, and RL gets `rl_budget` x the most FLOPs
+   any OPD seed needed to reach it (the upper end of its bracket; x its spent FLOPs if none did),
+   and stops at the target (`rl_stop_at_target`: its later accuracy does not change "FLOPs to target").
+
+"FLOPs to target" of a run is a bracket [FLOPs of the last evaluation below the target, FLOPs of the
+first at or above it]: the run crossed the target somewhere in between ([0, 0] when it started there;
+None when it never reached it). `ratio_to_opd` = [lo, hi] per method, from the seed means of the
+bracket ends: lo = mean(method's lower ends) / mean(OPD's upper ends), hi = mean(method's upper ends) /
+mean(OPD's lower ends). Means, not per-seed pairs: seeds of different methods are not paired runs, so a
+per-seed ratio would mix seed noise into what is a resolution bound; the per-seed brackets are in
+compare.json. A run that never reached the target counts with its last evaluation's FLOPs as its lower
+end (it needed more) and an unbounded upper end; an unbounded or undefined end is written as None.
+Final accuracies come with 95% Wilson intervals (`opd.stats.wilson`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
-from opd.config import DistillConfig
 from opd.errors import OpdError
-from opd.loop import distill
+from opd.schedule import Schedule
+from opd.stats import wilson
 from opd.store.rundir import read_jsonl
-from opd.train.step import METHODS
+
+RL_STEPS = 10**7  # RL runs until its FLOP budget (or the target) ends it
 
 
 def curve_of(run_dir: Path) -> list[list[float]]:
-    return [[e["flops"], e["accuracy"]] for e in read_jsonl(run_dir / "eval.jsonl")]
+    return [[e["flops"], e["accuracy"]] for e in read_jsonl(Path(run_dir) / "eval.jsonl")]
+
+
+def bracket(curve, target: float) -> list[float] | None:
+    """[FLOPs at the last evaluation below `target`, FLOPs at the first at or above it]; None if never."""
+    for i, (flops, acc) in enumerate(curve):
+        if acc >= target:
+            return [curve[i - 1][0] if i else flops, flops]
+    return None
 
 
 def flops_to(curve, target: float) -> float | None:
     """Cumulative FLOPs at the first evaluation at or above `target` (None if never)."""
-    return next((f for f, acc in curve if acc >= target), None)
+    b = bracket(curve, target)
+    return None if b is None else b[1]
 
 
-def with_overrides(cfg: DistillConfig, overrides: list[str]) -> DistillConfig:
-    from opd.config import apply_override, from_dict, to_dict, validate
+def bounds(curve, target: float) -> tuple[float, float]:
+    """What the evaluations say about a run's FLOPs to target: its bracket, or (its last evaluation's
+    FLOPs, inf) when it never reached the target."""
+    b = bracket(curve, target)
+    return (b[0], b[1]) if b else (curve[-1][0], math.inf)
+
+
+def _ratio(a: float, b: float) -> float | None:
+    if b == 0:
+        return None if a == 0 else math.inf
+    return a / b
+
+
+def ratio_range(curves, opd_curves, target: float) -> list[float | None]:
+    """[lo, hi] of (method's mean FLOPs to target) / (OPD's), from the bracket ends (see the module
+    docstring); None where a bound is unbounded or undefined."""
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    lo_m, hi_m = zip(*(bounds(c, target) for c in curves))
+    lo_o, hi_o = zip(*(bounds(c, target) for c in opd_curves))
+    out = [_ratio(mean(lo_m), mean(hi_o)), _ratio(mean(hi_m), mean(lo_o))]
+    return [r if r is not None and math.isfinite(r) else None for r in out]
+
+
+def flop_grid(pilot_flops: float, pilot_steps: int, steps: int, evals_per_run: int) -> float:
+    """FLOP grid spacing: OPD's FLOPs for `steps`, projected from a pilot, over `evals_per_run` evaluations."""
+    if pilot_steps <= 0 or pilot_flops <= 0:
+        raise OpdError("opd compare: the OPD pilot spent no FLOPs; cannot place the FLOP grid")
+    return pilot_flops / pilot_steps * steps / evals_per_run
+
+
+def with_overrides(cfg, overrides: list[str]):
+    from opd.config import DistillConfig, apply_override, from_dict, to_dict, validate
 
     data = to_dict(cfg)
     for assignment in overrides:
@@ -36,57 +96,87 @@ def with_overrides(cfg: DistillConfig, overrides: list[str]) -> DistillConfig:
     return validate(from_dict(DistillConfig, data))
 
 
-def compare(base: DistillConfig, methods: list[str], seeds: int, out: str | Path, *, rl_budget: float = 10.0,
+def compare(base, methods: list[str], seeds: int, out: str | Path, *, rl_budget: float = 10.0,
             evals_per_run: int = 20, method_overrides: dict | None = None, rl_stop_at_target: bool = True,
-            progress: bool = True) -> dict:
-    """`method_overrides`: per-method `--set`-style assignments, e.g. {"rl": ["train.lr=1e-4"]}."""
-    unknown = [m for m in methods if m not in METHODS]
+            eval_every_flops: float | None = None, pilot_steps: int = 5, progress: bool = True) -> dict:
+    """Run `methods` x `seeds` from `base` (a DistillConfig); write compare.json and compare.png in `out`.
+
+    `method_overrides`: per-method `--set`-style assignments, e.g. {"rl": ["train.lr=1e-4"]}.
+    `eval_every_flops`: the FLOP grid's spacing (default: placed by an OPD pilot of `pilot_steps`).
+    """
+    from opd.loop import distill  # the loop loads torch and models; the bracket arithmetic above does not
+    from opd.methods import METHODS
+
+    overrides = method_overrides or {}
+    unknown = [m for m in [*methods, *overrides] if m not in METHODS]
     if unknown:
         raise OpdError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    if seeds <= 0:
-        raise OpdError("--seeds must be positive")
+    if any(a.strip().startswith("train.eval_every") for a in sum(overrides.values(), [])):
+        raise OpdError("the step grid is shared by every method: set train.eval_every with --set, not --method-set")
+    if seeds <= 0 or evals_per_run <= 0:
+        raise OpdError("--seeds and evals_per_run must be positive")
     out = Path(out)
+    step_grid = base.train.eval_every
+
+    def configure(method: str, seed: int, name: str):
+        cfg = with_overrides(copy.deepcopy(base), [f"method.name={method}", f"train.seed={seed}",
+                                                    *overrides.get(method, [])])
+        cfg.out = str(out / "runs" / name)
+        cfg.train.checkpoint_every = 0
+        cfg.logging.report = False  # one report per run would only slow the comparison down
+        return cfg
+
+    def teacher_accuracy(summary) -> float:
+        if summary["teacher_accuracy"] is None:
+            raise OpdError("opd compare needs a local teacher: its accuracy sets the target")
+        return summary["teacher_accuracy"]
+
+    teacher_acc = pilot = None
+    if eval_every_flops is None:  # the pilot places the FLOP grid before any measured run
+        cfg = configure("opd", 0, "pilot")
+        steps, n = cfg.train.steps, min(pilot_steps, cfg.train.steps)
+        teacher_acc = teacher_accuracy(distill(cfg, progress=progress, schedule=Schedule(steps=n, eval_every=n)))
+        last = read_jsonl(Path(cfg.out) / "eval.jsonl")[-1]
+        eval_every_flops = flop_grid(last["flops"], last["step"], steps, evals_per_run)
+        pilot = {"steps": last["step"], "flops": last["flops"], "run": cfg.out}
+    target = None if teacher_acc is None else 0.9 * teacher_acc
     order = ["opd"] + [m for m in methods if m != "opd"]  # OPD first: it sets the RL budget
-    results: dict = {m: {"final_accuracy": [], "flops_to_target": [], "curve": [], "runs": []} for m in order}
-    teacher_acc = target = None
-    eval_every_flops = rl_max_flops = None
+    results: dict = {m: {"final_accuracy": [], "final_interval": [], "flops_to_target": [], "flops_spent": [],
+                         "curve": [], "runs": []} for m in order}
+    rl_max_flops = None
     for method in order:
         for seed in range(seeds):
-            cfg = with_overrides(copy.deepcopy(base), [f"method.name={method}", f"train.seed={seed}",
-                                                        *(method_overrides or {}).get(method, [])])
-            cfg.out = str(out / "runs" / f"{method}-seed{seed}")
-            cfg.train.checkpoint_every = 0
-            cfg.logging.report = False  # one report per run would only slow the comparison down
-            if eval_every_flops:
-                cfg.train.eval_every_flops = eval_every_flops
+            cfg = configure(method, seed, f"{method}-seed{seed}")
             if method == "rl":
-                cfg.train.max_flops = rl_max_flops
-                cfg.train.steps = 10**7  # bounded by max_flops
-                cfg.train.eval_every = 10**7
-                if rl_stop_at_target:  # RL's later accuracy is not needed for "FLOPs to target"; save the time
-                    cfg.train.stop_at_accuracy = target
-            summary = distill(cfg, progress=progress)
-            curve = curve_of(Path(cfg.out))
-            if teacher_acc is None:
-                if summary["teacher_accuracy"] is None:
-                    raise OpdError("opd compare needs a local teacher: its accuracy sets the target")
-                teacher_acc = summary["teacher_accuracy"]
+                schedule = Schedule(steps=RL_STEPS, eval_every=step_grid, eval_every_flops=eval_every_flops,
+                                    max_flops=rl_max_flops, stop_at_accuracy=target if rl_stop_at_target else 0.0)
+            else:
+                schedule = Schedule(steps=cfg.train.steps, eval_every=step_grid, eval_every_flops=eval_every_flops)
+            summary = distill(cfg, progress=progress, schedule=schedule)
+            if target is None:  # no pilot: the first OPD run measures the teacher
+                teacher_acc = teacher_accuracy(summary)
                 target = 0.9 * teacher_acc
+            curve = curve_of(Path(cfg.out))
+            n = summary.get("eval_n") or read_jsonl(Path(cfg.out) / "eval.jsonl")[-1]["n"]
             entry = results[method]
             entry["final_accuracy"].append(summary["student_accuracy_after"])
-            entry["flops_to_target"].append(flops_to(curve, target))
+            entry["final_interval"].append(list(wilson(summary["student_accuracy_after"], n)))
+            entry["flops_to_target"].append(bracket(curve, target))
+            entry["flops_spent"].append(curve[-1][0])
             entry["curve"].append(curve)
             entry["runs"].append(cfg.out)
-        if method == "opd":  # the FLOPs schedule and the RL budget come from OPD
-            spent = [c[-1][0] for c in results["opd"]["curve"]]
-            reached = [f for f in results["opd"]["flops_to_target"] if f is not None]
-            eval_every_flops = max(spent) / evals_per_run
-            rl_max_flops = rl_budget * (max(reached) if reached else max(spent))
+        if method == "opd":
+            reached = [b[1] for b in results["opd"]["flops_to_target"] if b is not None]
+            # 0 when OPD started at the target: a budget of 0 would mean "none", so fall back to its spend
+            rl_max_flops = rl_budget * (max(reached, default=0.0) or max(results["opd"]["flops_spent"]))
+    for method, entry in results.items():
+        entry["ratio_to_opd"] = None if method == "opd" else \
+            ratio_range(entry["curve"], results["opd"]["curve"], target)
     if "opd" not in methods:
         results.pop("opd")
     report = {"teacher_accuracy": teacher_acc, "target": target, "seeds": seeds,
-              "rl_stopped_at_target": rl_stop_at_target and "rl" in methods,
-              "method_overrides": method_overrides or {},
+              "grid": {"eval_every": step_grid, "eval_every_flops": eval_every_flops, "pilot": pilot},
+              "rl_stopped_at_target": rl_stop_at_target and "rl" in methods, "method_overrides": overrides,
               "rl_budget_flops": rl_max_flops if "rl" in methods else None, "methods": results}
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(report, indent=1))
@@ -123,16 +213,30 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def fmt_bracket(b, spent: float) -> str:
+    return f"never (>{spent:.2e})" if b is None else f"{b[0]:.2e}-{b[1]:.2e}"
+
+
+def fmt_ratio(r) -> str:
+    if r is None or r[0] is None or (not r[0] and r[1] is None):  # OPD itself; nothing bounded
+        return ""
+    return f"{r[0]:.2g}-{r[1]:.2g}x" if r[1] is not None else f">={r[0]:.2g}x"
+
+
 def print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"teacher {report['teacher_accuracy']:.3f}, target {report['target']:.3f} (90% of teacher)")
-    for col in ("method", "final accuracy (per seed)", "FLOPs to target (per seed)", "FLOPs spent (per seed)"):
+    grid = report["grid"]
+    table = Table(title=f"teacher {report['teacher_accuracy']:.3f}, target {report['target']:.3f} (90% of teacher); "
+                        f"evaluated every {grid['eval_every']} steps and every {grid['eval_every_flops']:.2e} FLOPs")
+    for col in ("method", "final accuracy [95% Wilson] (per seed)", "FLOPs to target, bracket (per seed)",
+                "x OPD (means)", "FLOPs spent (per seed)"):
         table.add_column(col)
     for method, e in report["methods"].items():
-        fmt = lambda v: "never" if v is None else f"{v:.2e}"  # noqa: E731
-        table.add_row(method, " ".join(f"{a:.3f}" for a in e["final_accuracy"]),
-                      " ".join(fmt(f) for f in e["flops_to_target"]),
-                      " ".join(f"{c[-1][0]:.2e}" for c in e["curve"]))
+        table.add_row(method,
+                      " ".join(f"{a:.3f} [{lo:.3f},{hi:.3f}]" for a, (lo, hi) in zip(e["final_accuracy"],
+                                                                                     e["final_interval"])),
+                      " ".join(fmt_bracket(b, s) for b, s in zip(e["flops_to_target"], e["flops_spent"])),
+                      fmt_ratio(e["ratio_to_opd"]), " ".join(f"{s:.2e}" for s in e["flops_spent"]))
     Console().print(table)

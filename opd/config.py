@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from opd.errors import OpdError
+from opd.methods.base import MethodOptions
 
 
 @dataclass
@@ -23,11 +24,32 @@ class ModelConfig:
     revision: str | None = None  # hub revision (branch, tag or commit); None = default branch
     # auto (teacher): bfloat16 where this machine computes it natively (CUDA, AVX512-BF16/AMX CPUs) and
     # its log-probs on probe answers stay within 0.05 nats of float32 (measured at start, recorded in the
-    # manifest), else float32. The student always trains in float32.
+    # manifest), else float32. The student always trains in float32 (see train.precision).
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    url: str | None = None  # teacher only: an `opd serve-teacher` or vLLM server instead of `model`
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    # a teacher is `model` (loaded here) or `url` (an `opd serve-teacher` or vLLM server), not both
+    name: str | None = None  # how metrics and the store name it (default: teacher, or teacherN in a list)
+    tasks: list = field(default_factory=lambda: ["*"])  # task tags it scores; "*" = every tag without its own
+    prompt_schema: typing.Any = None  # its own prompt schema (None = task.teacher_prompt_schema, else the student's)
+    url: str | None = None  # an `opd serve-teacher` or vLLM server instead of `model`
     api_key_env: str | None = None  # environment variable holding the server's bearer token
-    top_k: int = 0  # remote teacher: top-k log-probs to request per position (0 = sampled tokens only)
+    # served: top-k log-probs requested per position; objective auto then uses the top-k reverse KL with a
+    # tail bucket. A server that answers only the sampled tokens' log-probs (plain OpenAI) falls back to
+    # the sampled-token estimator. 0 = ask for the sampled tokens only.
+    top_k: int = 20
+    request_timeout: float = 120.0  # served: seconds one scoring request may take before it counts as failed
+    # served: consecutive failed requests (unreachable, 5xx, timeout) before the run ends with one line;
+    # the retries back off exponentially up to 30 s, so the default waits about 15 minutes for a restart
+    max_failures: int = 30
+
+    def validate(self, where: str) -> None:
+        if bool(self.model) == bool(self.url):
+            raise OpdError(f"{where}: needs 'model' (a hub name or local folder) or 'url' (a server), not both")
+        if self.top_k < 0 or self.request_timeout <= 0 or self.max_failures <= 0:
+            raise OpdError(f"{where}: top_k must be >= 0, request_timeout and max_failures positive")
 
 
 @dataclass
@@ -52,16 +74,19 @@ class RolloutConfig:
     max_new_tokens: int = 32  # completion budget; a completion without EOS is marked truncated
     temperature: float = 1.0  # sampling temperature; sampling is over the full vocabulary (no top-k/top-p)
     # 0 = strictly on-policy. k > 0: rollouts for k+1 steps are sampled at once with the current weights
-    # and used over the next k+1 steps (policy lag 0..k, logged); the distillation loss then carries a
-    # truncated importance weight min(p_S/p_sample, 2) per token. Checkpoints fall on multiples of k+1.
+    # and used over the next k+1 steps (policy lag 0..k, logged); the loss then weights each token by the
+    # truncated prefix importance ratio (docs/objectives.md). Checkpoints fall on multiples of k+1.
     max_staleness: int = 0  # max policy lag (steps) of a rollout; 0 = strictly on-policy
+    # who samples the student's rollouts: hf (opd's KV-cache sampler, in this process), ray (scale.rollout_workers
+    # Ray actors), vllm (GPU, `pip install 'opd[vllm]'`); auto = ray when scale.rollout_workers > 0, else hf
+    backend: str = "auto"  # auto | hf | ray | vllm
 
 
 @dataclass
 class ObjectiveConfig:
     # auto: exact full-vocabulary reverse KL when the teacher's logits are local (measured to close
-    # 88-98% of the gap where the unclipped sampled form closed 6%); the clipped sampled-token
-    # form when the teacher returns only log-probs.
+    # 88-98% of the gap where the unclipped sampled form closed 6%); a served teacher's top-k reverse KL
+    # (+ tail bucket) when it returns top-k; the clipped sampled-token form when it returns only log-probs.
     # topk_reverse_kl / topk_forward_kl: over the teacher's k likeliest tokens + one tail bucket (a served
     # teacher's top-k log-probs, `teacher.top_k`; or a local teacher's top `top_k`)
     name: str = "auto"  # auto | reverse_kl | sampled_reverse_kl | forward_kl | jsd | skew_kl | skew_reverse_kl | topk_*
@@ -69,18 +94,7 @@ class ObjectiveConfig:
     beta: float = 0.5  # jsd: interpolation; 0 = forward KL, 1 = reverse KL (GKD/TRL convention)
     alpha: float = 0.1  # skew_kl / skew_reverse_kl: skew towards the target distribution
     clip: float | None = 5.0  # sampled_reverse_kl: per-token advantage clip (None = off)
-    temperature: float = 1.0  # both models' logits are divided by this inside the loss
-
-
-@dataclass
-class MethodConfig:
-    # opd: student samples, divergence to the teacher (default). Baselines/variants: sft (train on
-    # teacher traces), mixed (GKD's lambda), rl (verifier reward, no teacher), opd+rl.
-    name: str = "opd"  # opd | sft | mixed | rl | opd+rl
-    lmbda: float = 0.5  # mixed: probability that a batch is student-sampled (GKD's lambda)
-    reward_weight: float = 1.0  # opd+rl: weight of the verifier-reward policy gradient
-    traces: str | None = None  # sft: JSONL of prompt/answer traces instead of fresh teacher samples
-    teacher_greedy: bool = False  # sft/mixed: decode teacher traces greedily instead of sampling
+    temperature: float = 1.0  # both models' logits are divided by this inside the loss (1 with a served teacher)
 
 
 @dataclass
@@ -103,9 +117,9 @@ class TrainConfig:
     checkpoint_every: int = 100  # save a resumable checkpoint every N steps (0 = never)
     keep_checkpoints: int = 2  # keep the newest K checkpoints
     seed: int = 0  # seeds prompt order, sampling and dropout: each step's randomness is f(seed, step)
-    max_flops: float = 0.0  # stop once cumulative FLOPs reach this (0 = run all steps); for compute-matched comparisons
-    stop_at_accuracy: float = 0.0  # stop after an evaluation at or above this accuracy (0 = off)
-    eval_every_flops: float = 0.0  # also evaluate each time cumulative FLOPs pass a multiple of this (0 = off)
+    # held-out accuracy below the start by more than its 95% interval at two evaluations in a row is
+    # reported loudly in any case; true = also stop the run there (the last checkpoint is the student)
+    stop_on_regression: bool = False
 
 
 @dataclass
@@ -139,13 +153,15 @@ class ScaleConfig:
 
 @dataclass
 class DistillConfig:
-    teacher: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    # several teachers routed by task tag: [{name, model, tasks: [tags] ("*" = the rest), dtype, prompt_schema}];
-    # when set, the `teacher` section is not used
-    teachers: list | None = None
-    method: MethodConfig = field(default_factory=MethodConfig)
+    # several teachers routed by task tag, each a `teacher` section: [{name, model | url, tasks: [tags]
+    # ("*" = the rest), dtype, prompt_schema, ...}]; when set, the `teacher` section is not used
+    teachers: list[TeacherConfig] | None = None
+    # the training method and its own options, e.g. {name: mixed, lmbda: 0.5}; each method's options and
+    # their rules are in opd/methods/<method>.py: opd (default), sft, mixed, kd, rl, opd+rl
+    method: MethodOptions = field(default_factory=MethodOptions)
     anchors: AnchorsConfig = field(default_factory=AnchorsConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -161,7 +177,7 @@ class DistillConfig:
 
 POSITIVE = {"train.max_nonfinite", "rollout.batch_size", "rollout.samples_per_prompt", "rollout.max_new_tokens", "train.steps",
             "train.eval_every", "eval.batch_size", "task.n_train", "task.n_eval"}
-NON_NEGATIVE = {"rollout.max_staleness", "train.stop_at_accuracy", "train.max_flops", "train.eval_every_flops", "method.reward_weight", "train.warmup_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.micro_batch_size", "train.logits_chunk", "objective.top_k", "scale.rollout_workers", "scale.teacher_workers", "eval.limit", "eval.max_new_tokens",
+NON_NEGATIVE = {"rollout.max_staleness", "train.warmup_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.micro_batch_size", "train.logits_chunk", "objective.top_k", "scale.rollout_workers", "scale.teacher_workers", "eval.limit", "eval.max_new_tokens",
                 "train.grad_clip", "train.weight_decay"}
 
 
@@ -212,11 +228,32 @@ def from_dict(cls, data: dict, prefix: str = ""):
         hint = hints[key]
         if dataclasses.is_dataclass(hint) and isinstance(value, str) and "name" in {f.name for f in dataclasses.fields(hint)}:
             value = {"name": value}  # shorthand, e.g. `method: rl`
-        if dataclasses.is_dataclass(hint):
+        if hint is MethodOptions:  # the named method's own options dataclass
+            from opd.methods import method_class
+
+            value = value if value is not None else {}
+            if not isinstance(value, dict):
+                raise OpdError(f"{path}: expected a mapping, got {type(value).__name__}")
+            hint = method_class(str(value.get("name", "opd"))).Options
+        element = _list_of_dataclass(hint)
+        if element is not None and value is not None:
+            if not isinstance(value, list):
+                raise OpdError(f"{path}: expected a list, got {type(value).__name__}")
+            kwargs[key] = [from_dict(element, v, f"{path}[{i}].") for i, v in enumerate(value)]
+        elif dataclasses.is_dataclass(hint):
             kwargs[key] = from_dict(hint, value if value is not None else {}, f"{path}.")
         else:
             kwargs[key] = _check_type(path, value, hint)
     return cls(**kwargs)
+
+
+def _list_of_dataclass(hint):
+    """The element dataclass of `list[X] | None` annotations (typed lists such as `teachers`), else None."""
+    for arg in (hint, *typing.get_args(hint)):
+        if typing.get_origin(arg) is list:
+            (element,) = typing.get_args(arg) or (None,)
+            return element if dataclasses.is_dataclass(element) else None
+    return None
 
 
 def to_dict(cfg) -> dict:
@@ -252,16 +289,12 @@ def validate(cfg: DistillConfig) -> DistillConfig:
             raise OpdError(f"{key} must be >= 0, got {flat[key]}")
     if flat["rollout.temperature"] <= 0:
         raise OpdError(f"rollout.temperature must be positive, got {flat['rollout.temperature']}")
-    from opd.train.step import METHODS
-
-    if cfg.method.name not in METHODS:
-        raise OpdError(f"unknown method {cfg.method.name!r}; choose one of {', '.join(METHODS)}")
-    if not 0.0 <= cfg.method.lmbda <= 1.0:
-        raise OpdError(f"method.lmbda must be in [0, 1], got {cfg.method.lmbda}")
+    if cfg.rollout.backend not in ("auto", "hf", "ray", "vllm"):
+        raise OpdError(f"rollout.backend must be auto, hf, ray or vllm, got {cfg.rollout.backend!r}")
+    if cfg.rollout.backend == "ray" and not cfg.scale.rollout_workers:
+        raise OpdError("rollout.backend ray needs scale.rollout_workers > 0 (and scale.ray_address)")
     from opd.rollout.filters import build_filters
 
-    if cfg.method.traces and cfg.method.name != "sft":
-        raise OpdError("method.traces applies to method sft only (other methods sample their rollouts)")
     if cfg.objective.temperature <= 0:
         raise OpdError(f"objective.temperature must be positive, got {cfg.objective.temperature}")
     if cfg.objective.clip is not None and cfg.objective.clip <= 0:
@@ -273,9 +306,6 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise OpdError(f"train.precision must be auto, float32 or bfloat16, got {cfg.train.precision!r}")
     if cfg.student.dtype not in ("auto", "float32"):
         raise OpdError("student.dtype: the student trains in float32 (set the teacher's dtype instead)")
-    if cfg.rollout.max_staleness and cfg.rollout.temperature != 1.0:
-        raise OpdError("rollout.max_staleness > 0 needs rollout.temperature 1 (importance weights compare "
-                       "the student's log-probs at temperature 1 with the sampler's)")
     if cfg.anchors.fraction and round(cfg.anchors.fraction * cfg.rollout.batch_size) >= cfg.rollout.batch_size:
         raise OpdError(f"anchors.fraction {cfg.anchors.fraction} leaves no sampled rollouts in a batch of "
                        f"{cfg.rollout.batch_size}")
@@ -285,15 +315,24 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     if cfg.scale.ray_address and not (cfg.scale.rollout_workers or cfg.scale.teacher_workers):
         raise OpdError("scale.ray_address is set but scale.rollout_workers and scale.teacher_workers are both 0")
     build_filters(cfg.filters)  # unknown rules and bad parameters are config errors, before any model loads
-    if not cfg.teacher.model and not cfg.teacher.url and not cfg.teachers:
+    teachers = cfg.teachers or [cfg.teacher]
+    if not cfg.teachers and not cfg.teacher.model and not cfg.teacher.url:
         raise OpdError("teacher.model is required (a hub name or a local folder), or teacher.url, or a 'teachers' list")
-    remote = bool(cfg.teacher.url) or any("url" in t for t in cfg.teachers or [] if isinstance(t, dict))
-    if remote and cfg.method.name in ("sft", "mixed"):
-        raise OpdError(f"method {cfg.method.name} needs the teacher to generate; a remote teacher only scores")
+    for i, t in enumerate(teachers):
+        t.validate(f"teachers[{i}]" if cfg.teachers else "teacher")
+    served = any(t.url for t in teachers)
+    if served and cfg.objective.temperature != 1.0:  # its log-probs are at temperature 1: no common temperature
+        raise OpdError("objective.temperature must be 1 with a served teacher (it returns log-probs at temperature 1)")
     if not 0.0 <= cfg.anchors.fraction < 1.0:
         raise OpdError(f"anchors.fraction must be in [0, 1), got {cfg.anchors.fraction}")
     if cfg.anchors.fraction > 0 and not cfg.anchors.path:
         raise OpdError("anchors.fraction > 0 needs anchors.path (a JSONL of traces)")
+    sampled = cfg.objective.name == "sampled_reverse_kl" or (cfg.objective.name == "auto" and served and
+                                                              any(t.url and not t.top_k for t in teachers))
+    if cfg.anchors.fraction > 0 and sampled:
+        raise OpdError("anchors have no sampling log-probs, so the sampled-token estimator cannot weight them; "
+                       "use an exact objective (a local teacher, or teacher.top_k > 0) or drop the anchors")
+    cfg.method.validate(cfg)  # the method's own rules (opd/methods/<method>.py)
     block = cfg.rollout.max_staleness + 1
     if cfg.train.checkpoint_every % block:
         raise OpdError(f"train.checkpoint_every ({cfg.train.checkpoint_every}) must be a multiple of "

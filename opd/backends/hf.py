@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,29 @@ def init_model(arch: str, layers: int, hidden: int, heads: int, tokenizer_texts,
     return out
 
 
+# a hub repository id: optional "org/" then a name, of letters, digits, "-", "_", "." (huggingface_hub's rule)
+HUB_ID = re.compile(r"^(?:[\w\-.]+/)?[\w\-.]+$")
+
+
+def local_model_path(name: str) -> Path | None:
+    """The local folder `name` refers to, or None when it is a hub name (org/name).
+
+    Decided without any network access, so a mistyped folder fails at once instead of spending a minute
+    in hub retries: a name is local when it exists, starts with . / ~, has more than one "/" or no "/"
+    at all, is not a valid hub id, or its first component is an existing folder (`runs/nosuch` where
+    runs/ exists). A local name that does not exist is an OpdError.
+    """
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    first = name.split("/", 1)[0]
+    local = (name.startswith((".", "/", "~")) or name.count("/") != 1 or not HUB_ID.match(name)
+             or ".." in name or "--" in name or Path(first).expanduser().is_dir())
+    if local:
+        raise OpdError(f"model not found: {name} (no such folder; a hub name looks like org/name)")
+    return None
+
+
 @dataclass
 class LoadedModel:
     """A causal LM with its tokenizer and where it came from (for the manifest)."""
@@ -104,20 +128,19 @@ class LoadedModel:
 def load_model(name_or_path: str, dtype: str = "float32", revision: str | None = None,
                trainable: bool = False) -> LoadedModel:
     """Load a causal LM and its tokenizer the ordinary way (a hub name or a local folder)."""
+    path = local_model_path(name_or_path)  # before any import or network access: a typo fails at once
+    source = name_or_path if path is None else str(path)
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(name_or_path)
-    looks_local = name_or_path.startswith((".", "/", "~")) or path.exists() or "/" not in name_or_path
-    if looks_local and not path.exists():
-        raise OpdError(f"model not found: {name_or_path}")
     dtype = "float32" if dtype == "auto" else dtype  # auto: loaded in float32, then see settle_precision
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise OpdError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=torch_dtype,
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=torch_dtype,
                                                      use_safetensors=True)  # never unpickle weights
     except OSError as exc:  # missing files, no network for a hub name, ...
         raise OpdError(f"cannot load model {name_or_path}: {str(exc).splitlines()[0]}") from None

@@ -1,9 +1,17 @@
-"""`opd serve-teacher`: a teacher model behind an OpenAI-compatible scoring endpoint.
+"""`opd serve-teacher`: a teacher model behind an OpenAI-compatible endpoint, for scoring and greedy eval.
 
-Only scoring is served: `POST /v1/completions` with `max_tokens: 0` and `echo: true` returns the
-log-prob of every prompt token given the tokens before it (one forward pass, no generation), in
-the OpenAI legacy `logprobs` shape and, when `prompt_logprobs` is asked for, in vLLM's shape, so
-`opd.backends.remote.RemoteTeacher` talks to this server and to `vllm serve` alike.
+`POST /v1/completions` answers two kinds of request, so `opd.backends.remote.RemoteTeacher` talks
+to this server and to `vllm serve` alike:
+- scoring, `max_tokens: 0` and `echo: true`: the log-prob of every prompt token given the tokens
+  before it (one forward pass), in the OpenAI legacy `logprobs` shape and, when `prompt_logprobs`
+  is asked for, in vLLM's shape with the top-k alternatives per position;
+- greedy generation, `max_tokens > 0` and `temperature: 0`: each prompt's greedy continuation by
+  opd's own sampler (the one evaluation uses), stopping at EOS; `choices[i].token_ids` holds the
+  generated ids (the EOS included when it stopped there) and `prompt_token_ids` the prompt, as
+  vLLM's `return_token_ids` names them, so a served teacher can be evaluated. Sampling at a
+  temperature is not served: nothing in opd needs a teacher's samples over HTTP.
+`/health` reports the model name, its tokenizer's sha256 and its vocabulary size (the rows of its
+input embedding), so a client can refuse a teacher whose token ids mean something else.
 
 With `--token`, every request, `/health` included, needs `Authorization: Bearer <token>`: the
 model name is not advertised to strangers, and a client's `health()` also checks its key. Binding
@@ -42,23 +50,32 @@ def parse_prompts(prompt, tokenizer, vocab_size: int) -> list[list[int]]:
         if not isinstance(p, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
             raise ApiError(400, "'prompt' must be a string, a list of strings or a list of token-id lists")
         if not p:
-            raise ApiError(400, "empty prompt: there is nothing to score")
+            raise ApiError(400, "empty prompt: send at least one token")
         if any(t < 0 or t >= vocab_size for t in p):
             raise ApiError(400, f"token id out of range: the vocabulary has {vocab_size} tokens")
         seqs.append(p)
     return seqs
 
 
-def check_request(body: dict, max_logprobs: int) -> int:
-    """Reject anything but scoring; return k, the number of top alternatives per position."""
+def check_request(body: dict, max_logprobs: int) -> tuple[str, int]:
+    """("score", k alternatives per position) or ("generate", max_tokens); anything else is refused."""
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
-    if body.get("max_tokens", 16) != 0 or body.get("echo") is not True:
-        raise ApiError(400, "this server only scores prompts: send max_tokens=0 and echo=true")
+    max_tokens = body.get("max_tokens", 16)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+        raise ApiError(400, "max_tokens must be a non-negative integer")
     ks = [body.get("logprobs") or 0, body.get("prompt_logprobs") or 0]
-    if not all(isinstance(k, int) and 0 <= k <= max_logprobs for k in ks):
-        raise ApiError(400, f"logprobs and prompt_logprobs must be integers from 0 to {max_logprobs}")
-    return max(ks)
+    if max_tokens == 0 and body.get("echo") is True:
+        if not all(isinstance(k, int) and 0 <= k <= max_logprobs for k in ks):
+            raise ApiError(400, f"logprobs and prompt_logprobs must be integers from 0 to {max_logprobs}")
+        return "score", max(ks)
+    if max_tokens > 0 and body.get("temperature") == 0 and not body.get("echo"):
+        if any(ks):
+            raise ApiError(400, "log-probs of generated tokens are not served: score the completion "
+                                "with max_tokens=0 and echo=true")
+        return "generate", max_tokens
+    raise ApiError(400, "this server only scores prompts (max_tokens=0, echo=true) and decodes greedily "
+                        "(max_tokens>0, temperature=0, no echo)")
 
 
 def forward_logprobs(model, seqs: list[list[int]], pad_id: int):
@@ -106,32 +123,62 @@ def score_row(logp, seq: list[int], k: int, tokenizer) -> dict:
             "prompt_logprobs": top_vllm}
 
 
+def greedy_choices(model, tokenizer, seqs: list[list[int]], max_tokens: int) -> list[dict]:
+    """Each prompt's greedy continuation, decoded by the sampler evaluation uses (same ids as a local eval)."""
+    from opd.rollout.sampler import decode_completions, generate
+
+    if next(model.parameters()).device.type != "cpu":  # the sampler builds its token tensors on the CPU
+        raise ApiError(501, "greedy generation is served only for a teacher on the CPU")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and max(len(s) for s in seqs) + max_tokens > limit:
+        raise ApiError(400, f"prompt + max_tokens exceeds the model's {limit} positions")
+    batch = generate(model, seqs, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                     max_new_tokens=max_tokens, greedy=True)
+    texts = decode_completions(tokenizer, batch)  # without the final EOS, like `text` from vLLM
+    choices = []
+    for i, (ids, mask, truncated) in enumerate(zip(batch.completion_ids.tolist(), batch.completion_mask.tolist(),
+                                                    batch.truncated.tolist())):
+        choices.append({"index": i, "text": texts[i][0], "token_ids": [t for t, m in zip(ids, mask) if m],
+                        "prompt_token_ids": seqs[i], "logprobs": None,
+                        "finish_reason": "length" if truncated else "stop"})
+    return choices
+
+
 def complete(loaded, body: dict, lock: threading.Lock, max_logprobs: int) -> dict:
-    """Answer one /v1/completions scoring request."""
-    k = check_request(body, max_logprobs)
+    """Answer one /v1/completions request: scoring or greedy generation."""
+    kind, n = check_request(body, max_logprobs)
     tok = loaded.tokenizer
     seqs = parse_prompts(body.get("prompt"), tok, loaded.model.get_input_embeddings().num_embeddings)
-    with lock:  # one forward at a time: the model is shared by the worker threads
-        logp = forward_logprobs(loaded.model, seqs, tok.pad_token_id)
-    choices = []
-    for i, seq in enumerate(seqs):
-        choice = {"index": i, **score_row(logp[i], seq, k, tok), "finish_reason": "length"}
-        if body.get("prompt_logprobs") is None:
-            del choice["prompt_logprobs"]
-        choices.append(choice)
-    n = sum(len(s) for s in seqs)
+    if kind == "generate":
+        with lock:  # one pass at a time: the model is shared by the worker threads
+            choices = greedy_choices(loaded.model, tok, seqs, n)
+        generated = sum(len(c["token_ids"]) for c in choices)
+    else:
+        with lock:
+            logp = forward_logprobs(loaded.model, seqs, tok.pad_token_id)
+        choices, generated = [], 0
+        for i, seq in enumerate(seqs):
+            choice = {"index": i, **score_row(logp[i], seq, n, tok), "finish_reason": "length"}
+            if body.get("prompt_logprobs") is None:
+                del choice["prompt_logprobs"]
+            choices.append(choice)
+    prompt = sum(len(s) for s in seqs)
     return {"object": "text_completion", "model": loaded.name, "choices": choices,
-            "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}}
+            "usage": {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}}
 
 
 def make_app(loaded, token: str | None, max_logprobs: int = 20):
-    """The FastAPI app: /health and a scoring-only /v1/completions, optionally behind a bearer token."""
+    """The FastAPI app: /health and /v1/completions (scoring, greedy generation), optionally behind a token."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
 
+    from opd.backends.hf import tokenizer_sha256
+
     app = FastAPI(title="opd teacher", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()
+    about = {"status": "ok", "model": loaded.name, "tokenizer_sha256": tokenizer_sha256(loaded.tokenizer),
+             "vocab_size": loaded.model.get_input_embeddings().num_embeddings}
 
     def error(status: int, message: str) -> JSONResponse:
         kind = "authentication_error" if status == 401 else "invalid_request_error"
@@ -147,7 +194,7 @@ def make_app(loaded, token: str | None, max_logprobs: int = 20):
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": loaded.name}
+        return about
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -193,7 +240,8 @@ def run_serve(args) -> None:
 
 def add_parser(subparsers) -> None:
     """Register `opd serve-teacher`."""
-    p = subparsers.add_parser("serve-teacher", help="serve a teacher model over HTTP for scoring (OpenAI-compatible)")
+    p = subparsers.add_parser("serve-teacher",
+                              help="serve a teacher model over HTTP for scoring and greedy eval (OpenAI-compatible)")
     p.add_argument("--model", required=True, help="model folder or hub name")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; other than loopback needs --token")
     p.add_argument("--port", type=int, default=8000)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from opd.errors import OpdError
-from opd.rollout.sampler import Batch, left_pad
+from opd.batch import Batch, left_pad
 
 INSTALL_HINT = "pip install 'opd[vllm]'"
 MIN_VLLM = "0.10.2"  # first release with logprobs_mode="processed_logprobs" (vllm-project/vllm#22387)
@@ -134,8 +134,9 @@ class VLLMBackend:
             ignore_eos=True, stop_token_ids=[self.eos_id], skip_special_tokens=False, detokenize=False)
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
-                 greedy: bool = False, seed: int = 0) -> Batch:
-        """Sample (greedy: temperature 0) one completion per prompt, in prompt order."""
+                 greedy: bool = False, seed: int = 0, uniforms: torch.Tensor | None = None) -> Batch:
+        """Sample (greedy: temperature 0) one completion per prompt, in prompt order. vLLM draws its own
+        randomness: `uniforms` are not used, each row is seeded from (seed, row) instead."""
         if not greedy and temperature < MIN_TEMPERATURE:
             raise OpdError(f"vLLM samples at temperature >= {MIN_TEMPERATURE} (got {temperature}); use greedy")
         params = [self._params(max_new_tokens, temperature, greedy, row_seed(seed, i)) for i in range(len(prompts))]

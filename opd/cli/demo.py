@@ -43,7 +43,8 @@ def _make_model(spec: dict, texts, out: Path, examples, progress: bool, desc: st
 
 def run_demo(out: str = "runs/demo", cache_dir: str | None = None, progress: bool = True) -> dict:
     from rich.console import Console
-    from rich.table import Table
+
+    from opd.cli.summary import print_distill_summary
 
     console = Console()
     t_start = time.time()
@@ -89,18 +90,11 @@ def run_demo(out: str = "runs/demo", cache_dir: str | None = None, progress: boo
     })
     summary = distill(cfg, progress=progress)
 
-    # 4. Report.
+    # 4. The same end-of-run summary as `opd distill`, with the time each model took.
     total = time.time() - t_start
-    table = Table(title="opd demo: reverse addition, greedy exact-match on 500 held-out prompts")
-    for col in ("model", "accuracy", "time"):
-        table.add_column(col)
-    table.add_row("teacher (3L/128)", f"{summary['teacher_accuracy']:.3f}",
-                  f"{teacher_seconds:.0f}s SFT" if teacher_seconds else "cached")
-    table.add_row("student before OPD (2L/64)", f"{summary['student_accuracy_before']:.3f}", f"{student_seconds:.0f}s SFT")
-    table.add_row("student after OPD", f"{summary['student_accuracy_after']:.3f}", f"{summary['wall_seconds']:.0f}s OPD")
-    console.print(table)
-    gap = summary.get("gap_closed")
-    console.print(f"gap closed: {gap:.0%}" if gap is not None else "gap closed: n/a (student not below teacher)")
-    console.print(f"total {total:.0f}s; run directory: {cfg.out}; report: {Path(cfg.out) / 'report.html'}")
-    console.print(f"inspect: opd inspect {cfg.out} --rejected | --failures | --sql 'select ...'")
+    times = {"teacher": f"{teacher_seconds:.0f}s SFT" if teacher_seconds else "cached",
+             "before": f"{student_seconds:.0f}s SFT", "after": f"{summary.get('wall_seconds', 0):.0f}s OPD"}
+    print_distill_summary(cfg.out, console, title=f"opd demo: reverse addition, {TASK['n_eval']} held-out prompts",
+                          notes=times)
+    console.print(f"total {total:.0f}s; inspect: opd inspect {cfg.out} --rejected | --failures | --sql 'select ...'")
     return {**summary, "total_seconds": total, "run_dir": cfg.out}

@@ -32,7 +32,7 @@ def add_parser(subparsers) -> None:
     view.add_argument("--sql", metavar="QUERY", help="DuckDB SQL over the tables 'rollouts' and 'evals'")
     p.add_argument("--step", type=int, default=None, help="only this training/eval step")
     p.add_argument("--task", default=None, help="only rows with this task tag")
-    p.add_argument("--limit", type=int, default=10, help="rows to show (default 10)")
+    p.add_argument("--limit", type=int, default=10, help="rows to show")
     p.set_defaults(func=run_inspect)
 
 
@@ -74,20 +74,24 @@ def _filters(args, rejected: bool = False) -> tuple[str, list]:
 
 def rollouts_table(store, args, tokenizer=None):
     from rich.table import Table
+    from rich.text import Text
 
     where, params = _filters(args, rejected=args.rejected)
     rows = store.rows(f"select * from rollouts where {where} order by step desc limit ?", params + [args.limit])
     kind = "rejected rollouts" if args.rejected else "rollouts"
-    table = Table(title=f"{kind}: {len(rows)} most recent" + ("" if rows else " (none match)"),
-                  caption=f"bold red = the {TOP_DISAGREEMENTS} tokens with the largest |teacher - student| log-prob")
-    for name in ("step", "task", "prompt", "completion", "kept / rule", "correct", "mean t-s lp"):
-        table.add_column(name, overflow="fold")
+    tasks, one_task = _tasks(rows)
+    table = Table(title=f"{kind}: {len(rows)} most recent" + ("" if rows else " (none match)") + one_task,
+                  caption=f"bold red = the {TOP_DISAGREEMENTS} tokens with the largest |teacher - student| log-prob; "
+                          "ok = correct; t-s lp = mean teacher - student log-prob per token")
+    _columns(table, [("step", {"no_wrap": True, "justify": "right"}), *tasks, ("prompt", {}), ("completion", {}),
+                     ("filter", _short(r["reject_rule"] or "kept" for r in rows)), ("ok", {"no_wrap": True}),
+                     ("t-s lp", {"no_wrap": True, "justify": "right"})])
     for r in rows:
         s_lp, t_lp = r["student_logprobs"] or [], r["teacher_logprobs"] or []
         gaps = [t - s for s, t in zip(s_lp, t_lp)]
-        table.add_row(str(r["step"]), _cell(r["task_tag"]), _cell(r["prompt"]),
+        table.add_row(str(r["step"]), *([_cell(r["task_tag"])] if tasks else []), _cell(r["prompt"]),
                       completion_text(r["completion"], r["completion_ids"] or [], gaps, tokenizer),
-                      "kept" if r["kept"] else f"[red]{r['reject_rule'] or 'rejected'}[/red]",
+                      "kept" if r["kept"] else Text(r["reject_rule"] or "rejected", style="red"),
                       _yes_no(r["correct"]), f"{sum(gaps) / len(gaps):+.3f}" if gaps else "-")
     return table
 
@@ -142,27 +146,51 @@ def failures_table(store, args):
     counts = f"select count(*) as n, count(*) filter (not correct) as bad from evals where {where}"
     total = store.rows(counts, params)[0]
     rows = store.rows(f"select * from evals where {where} and not correct limit ?", params + [args.limit])
+    from opd.report.html import task_descriptions
+
+    tasks, one_task = _tasks(rows)
+    described = task_descriptions(sorted({r["task_tag"] for r in rows}))
     table = Table(title=f"eval failures at step {step}: {total['bad']} of {total['n']} wrong"
-                        + (f" (showing {len(rows)})" if total["bad"] > len(rows) else ""))
-    for name in ("task", "prompt", "completion", "expected", "well-formed"):
-        table.add_column(name, overflow="fold")
+                        + (f" (showing {len(rows)})" if total["bad"] > len(rows) else "") + one_task,
+                  caption="; ".join(described) or None)  # e.g. that reverse_addition's answers are written reversed
+    _columns(table, [*tasks, ("prompt", {}), ("completion", {}), ("expected", {}), ("well-formed", {"no_wrap": True})])
     for r in rows:
-        table.add_row(_cell(r["task_tag"]), _cell(r["prompt"]), _cell(r["completion"]), _cell(r["expected"]),
-                      _yes_no(r["well_formed"]))
+        table.add_row(*([_cell(r["task_tag"])] if tasks else []), _cell(r["prompt"]), _cell(r["completion"]),
+                      _cell(r["expected"]), _yes_no(r["well_formed"]))
     return table
 
 
+def _tasks(rows) -> tuple[list, str]:
+    """A task column when the rows mix tasks; for one task, its name goes in the title instead (saves width)."""
+    tags = sorted({r["task_tag"] or "" for r in rows})
+    if len(tags) > 1:
+        return [("task", {"max_width": 16})], ""  # folds before the other columns do
+    return [], (f" · task {tags[0]}" if tags and tags[0] not in ("", "default") else "")
+
+
 def sql_table(result, sql: str):
-    """Any query result (a pyarrow.Table) as a rich table; long cells are clipped."""
+    """Any query result (a pyarrow.Table) as a rich table under the query; long cells are clipped."""
+    from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(f"{result.num_rows} rows: {_clip(sql, 100)}"))
+    table = Table()
     for name in result.column_names:
         table.add_column(name, overflow="fold")
     for row in result.to_pylist():
         table.add_row(*(_cell(str(v)) if v is not None else Text("NULL", style="dim") for v in row.values()))
-    return table
+    return Group(Text(f"{result.num_rows} rows: {_clip(sql, 300)}"), table)
+
+
+def _short(values, cap: int = 12) -> dict:
+    """Column options that keep a short field (a task tag, a rule name) on one line up to `cap` characters."""
+    return {"min_width": min(max((len(v or "") for v in values), default=1), cap)}
+
+
+def _columns(table, columns: list[tuple[str, dict]]) -> None:
+    """Add columns that read at 80 terminal columns: long text folds, short fields never wrap."""
+    for name, options in columns:
+        table.add_column(name, **{"overflow": "fold", **options})
 
 
 def _cell(text: str | None):

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from opd.errors import OpdError
 
@@ -24,8 +25,6 @@ def _quiet_libraries() -> None:
 
 def tokenizer_texts(path: str) -> list[str]:
     """Characters for a char tokenizer: every string field of a JSONL file, or a plain text file."""
-    from pathlib import Path
-
     p = Path(path)
     if not p.is_file():
         raise OpdError(f"tokenizer data not found: {path}")
@@ -48,6 +47,7 @@ def cmd_init_model(args) -> None:
 
 def cmd_sft(args) -> None:
     from opd.backends.hf import load_model
+    from opd.cli.summary import print_sft_summary
     from opd.tasks.data import load_jsonl
     from opd.tasks.schema import PromptSchema
     from opd.train.sft import run_sft
@@ -56,7 +56,7 @@ def cmd_sft(args) -> None:
         raise OpdError("--steps, --batch-size and --max-new-tokens must be positive")
     examples = load_jsonl(args.data)
     schema = PromptSchema.from_spec(args.prompt_schema)
-    eval_fn = None
+    eval_fn, held_out = None, []
     if args.eval:
         from opd.eval.evaluate import evaluate
         from opd.tasks.verifiers import make_verifier
@@ -72,13 +72,10 @@ def cmd_sft(args) -> None:
                      eval_fn=eval_fn, eval_every=args.eval_every if eval_fn else 0, stop_at=args.stop_at)
     loaded.model.save_pretrained(args.out, safe_serialization=True)
     loaded.tokenizer.save_pretrained(args.out)
-    acc = f", eval accuracy {result.evals[-1][1]:.3f}" if result.evals else ""
-    print(f"sft: {result.steps} steps, final loss {result.final_loss:.4f}{acc}; saved to {args.out}")
+    print_sft_summary(result, args.out, args.steps, eval_n=len(held_out))
 
 
 def cmd_data(args) -> None:
-    from pathlib import Path
-
     import yaml
 
     from opd.tasks.builtin import builtin_split
@@ -109,20 +106,33 @@ def cmd_eval(args) -> None:
     loaded = load_model(args.model)
     result = evaluate(loaded.model, loaded.tokenizer, examples, PromptSchema.from_spec(args.prompt_schema), verifier,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=not args.json)
-    lo, hi = result.interval95()
     if args.json:
-        print(json.dumps({"accuracy": result.accuracy, "n": result.n, "ci95": [lo, hi], "model": args.model}))
+        print(json.dumps({"accuracy": result.accuracy, "n": result.n, "ci95": list(result.interval95()),
+                          "model": args.model}))
     else:
-        print(f"accuracy {result.accuracy:.4f} on {result.n} prompts (95% interval {lo:.3f}-{hi:.3f})")
+        from opd.cli.summary import print_eval_summary
+
+        print_eval_summary(result, args.model)
 
 
 def cmd_distill(args) -> None:
     from opd.config import load_config
     from opd.loop import distill
 
+    from opd.cli.summary import print_distill_summary
+
     cfg = load_config(args.config, args.set or [])
     summary = distill(cfg, resume=args.resume, progress=not args.no_progress, argv=sys.argv)
-    print(json.dumps(summary, indent=2))
+    print_distill_summary(cfg.out)
+    if args.json:  # summary.json as written (with the checklist), for scripts
+        path = Path(cfg.out) / "summary.json"
+        print(json.dumps(json.loads(path.read_text()) if path.exists() else summary, default=str))
+
+
+def cmd_config(args) -> None:
+    from opd.cli.config_doc import print_config
+
+    print_config(args.config, args.set or [])
 
 
 def cmd_compare(args) -> None:
@@ -148,97 +158,142 @@ def cmd_demo(args) -> None:
     run_demo(out=args.out, cache_dir=args.cache, progress=not args.no_progress)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's help ends with "(required)" or its default; a flag (takes no value) shows neither."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.nargs == 0 or "%(default)" in text:
+            return text
+        if action.required:
+            return f"{text} (required)"
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: {'none' if action.default == '' else '%(default)s'})"
+
+
+CONFIG_HELP = """\
+config keys: `opd config` prints every key with its default and what it means
+(`opd config CONFIG.yaml --set ...`: the resolved values). They are defined,
+with comments, in opd/config.py; the README's "Configuration" has an overview."""
+
+
+def _builtin_tasks_help() -> str:
+    from opd.tasks.builtin import BUILTIN_TASKS
+
+    width = max(map(len, BUILTIN_TASKS))
+    lines = [f"  {name:<{width}}  {f.description} ({', '.join(f'{k}={v}' for k, v in f.defaults.items())})"
+             for name, f in BUILTIN_TASKS.items()]
+    return "built-in tasks: prompt -> answer (--param defaults):\n" + "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.")
+    parser = argparse.ArgumentParser(prog="opd", description="On-policy distillation of language models.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    no_progress = {"action": "store_true", "help": "no progress bars (for logs and scripts)"}
 
     p = sub.add_parser("init-model", help="build a randomly initialised model + char tokenizer")
-    p.add_argument("--arch", choices=["qwen3", "llama"], default="qwen3")
-    p.add_argument("--layers", type=int, required=True)
-    p.add_argument("--hidden", type=int, required=True)
-    p.add_argument("--heads", type=int, required=True)
+    p.add_argument("--arch", choices=["qwen3", "llama"], default="qwen3", help="model architecture")
+    p.add_argument("--layers", type=int, required=True, help="transformer layers")
+    p.add_argument("--hidden", type=int, required=True, help="hidden size (a multiple of --heads)")
+    p.add_argument("--heads", type=int, required=True, help="attention heads")
     p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
     p.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 4 x hidden)")
-    p.add_argument("--max-positions", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer-data", required=True, help="JSONL (prompt/answer rows) or text whose characters the tokenizer covers")
+    p.add_argument("--max-positions", type=int, default=512, help="longest prompt + completion, in tokens")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    p.add_argument("--tokenizer-data", required=True,
+                   help="JSONL (prompt/answer rows) or text whose characters the tokenizer covers")
     p.add_argument("--extra-chars", default="", help="characters to add (e.g. those of a prompt format string)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder to write (loadable with from_pretrained)")
     p.set_defaults(func=cmd_init_model)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on prompt -> answer (loss on answer + EOS)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", required=True, help="model folder or hub name to start from")
+    p.add_argument("--data", required=True, help="training JSONL of {prompt, answer} rows")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps (one random batch each)")
+    p.add_argument("--out", required=True, help="folder the trained model and tokenizer are saved to")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per step")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="AdamW learning rate; ~1e-3 for tiny from-scratch models, 1e-5..1e-4 for pretrained ones")
+    p.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of batch order and dropout")
     p.add_argument("--prompt-schema", default="{prompt}", help="format string with {prompt}, or 'chat'")
-    p.add_argument("--eval", default=None, help="held-out JSONL to evaluate on every --eval-every steps")
-    p.add_argument("--verifier", default="exact")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--stop-at", type=float, default=None, help="stop once eval accuracy reaches this")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--eval", default=None, help="held-out JSONL: greedy accuracy every --eval-every steps and at the end")
+    p.add_argument("--verifier", default="exact", help="for --eval: exact | numeric | regex:PATTERN | python:module:function")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations (with --eval)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="for --eval: greedy answer budget in tokens")
+    p.add_argument("--stop-at", type=float, default=None, help="stop once eval accuracy reaches this (needs --eval)")
+    p.add_argument("--no-progress", **no_progress)
     p.set_defaults(func=cmd_sft)
 
-    p = sub.add_parser("data", help="write a built-in task as train.jsonl + eval.jsonl")
-    p.add_argument("--builtin", required=True, help="addition | reverse_addition | running_sum | scratchpad_addition")
-    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="task parameter, e.g. length=10")
-    p.add_argument("--n-train", type=int, default=20000)
-    p.add_argument("--n-eval", type=int, default=500)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("data", help="write a built-in task as train.jsonl + eval.jsonl", epilog=_builtin_tasks_help())
+    p.add_argument("--builtin", required=True, metavar="NAME", help="a built-in task (listed below)")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="task parameter, e.g. length=10 (repeatable)")
+    p.add_argument("--n-train", type=int, default=20000, help="training rows")
+    p.add_argument("--n-eval", type=int, default=500, help="held-out rows (prompts disjoint from training)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the generator")
+    p.add_argument("--out", required=True, help="folder for train.jsonl and eval.jsonl")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("distill", help="run on-policy distillation from a YAML config")
-    p.add_argument("config")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.lr=3e-4")
+    p = sub.add_parser("distill", help="run on-policy distillation from a YAML config", epilog=CONFIG_HELP)
+    p.add_argument("config", help="YAML config (see below for its keys)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. train.lr=3e-4 (value parsed as YAML; repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in 'out'")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="also print summary.json as one JSON line at the end")
+    p.add_argument("--no-progress", **no_progress)
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("compare", help="run methods (opd, sft, rl, mixed, opd+rl) at equal compute over seeds")
-    p.add_argument("config")
-    p.add_argument("--methods", default="opd,sft,rl")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("config", help="print the fully resolved config as YAML, each key with its comment",
+                       epilog=CONFIG_HELP)
+    p.add_argument("config", nargs="?", default=None, help="YAML config to resolve (default: print the defaults)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("compare", help="run methods (opd, sft, rl, mixed, opd+rl) at equal compute over seeds",
+                       epilog=CONFIG_HELP)
+    p.add_argument("config", help="YAML config every method starts from")
+    p.add_argument("--methods", default="opd,sft,rl", help="comma-separated methods to run")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method")
+    p.add_argument("--out", required=True, help="folder for the runs, compare.json and compare.png")
     p.add_argument("--rl-budget", type=float, default=10.0, help="RL FLOPs budget as a multiple of OPD's FLOPs to target")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value for every method")
     p.add_argument("--method-set", action="append", metavar="METHOD:KEY=VALUE",
                    help="override for one method only, e.g. rl:train.lr=1e-4")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", **no_progress)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="greedy accuracy of a model on a JSONL task")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--verifier", default="exact")
-    p.add_argument("--prompt-schema", default="{prompt}")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--model", required=True, help="model folder or hub name")
+    p.add_argument("--data", required=True, help="JSONL of {prompt, answer} rows")
+    p.add_argument("--verifier", default="exact", help="exact | numeric | regex:PATTERN | python:module:function")
+    p.add_argument("--prompt-schema", default="{prompt}", help="format string with {prompt}, or 'chat'")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer budget in tokens")
+    p.add_argument("--batch-size", type=int, default=256, help="prompts per decoding batch")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N rows only (0 = all)")
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="embedded end-to-end demo: tiny teacher -> tiny student, no downloads")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--cache", default=None, help="where the trained demo teacher is cached (default ~/.cache/opd)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default="runs/demo", help="folder for the demo's data, student and run")
+    p.add_argument("--cache", default=None, help="where the trained demo teacher is cached (default: ~/.cache/opd)")
+    p.add_argument("--no-progress", **no_progress)
     p.set_defaults(func=cmd_demo)
 
+    from opd.backends.server import add_parser as add_serve_parser
     from opd.cli.inspect import add_parser as add_inspect_parser
-
-    add_inspect_parser(sub)
     from opd.report.html import add_parsers as add_report_parsers
 
+    add_inspect_parser(sub)
     add_report_parsers(sub)
-    from opd.backends.server import add_parser as add_serve_parser
-
     add_serve_parser(sub)
+    # every subcommand's --help: its one-line summary on top, defaults shown
+    summaries = {a.dest: a.help for a in sub._choices_actions}
+    for name, command in sub.choices.items():
+        command.formatter_class = HelpFormatter
+        command.description = command.description or summaries.get(name)
     return parser
 
 

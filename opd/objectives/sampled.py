@@ -45,7 +45,8 @@ def sampled_token_advantage(student_logprobs, teacher_logprobs, *, clip: float |
 
 
 def sampled_token_loss(student_logprobs, teacher_logprobs, mask, *, sampling_logprobs=None,
-                       clip: float | None = 5.0, is_clip: float | None = 2.0, normalizer=None) -> torch.Tensor:
+                       clip: float | None = 5.0, is_clip: float | None = 2.0, weights=None,
+                       normalizer=None) -> torch.Tensor:
     """Policy-gradient surrogate whose gradient estimates grad KL(p_S||p_T):
 
         loss = -sum_{b,t} mask * w * A * log p_S(x) / N,   N = normalizer or mask.sum(),
@@ -56,6 +57,9 @@ def sampled_token_loss(student_logprobs, teacher_logprobs, mask, *, sampling_log
     Gradient wrt log p_S(x): -mask * w * A / N (score-function form, truncated IS as in TIS: tokens with
     a large ratio keep their gradient, with a capped weight, instead of being dropped as in PPO's
     clipped surrogate). Untruncated, E_{x~q}[(p_S/q)(x) A(x) grad log p_S(x)] = -grad KL(p_S||p_T).
+    `weights` [B,T] (detached), when given, replace w: the prefix-and-token importance weights of rows
+    not sampled by the current student (opd/objectives/offpolicy.py); the token-only ratio above is
+    right for one position but not for a sequence whose prefix is off-policy too.
     The loss VALUE is a surrogate (only its gradient is meaningful); log `k1`/`k3` for the KL itself.
     """
     _check(student_logprobs, teacher_logprobs)
@@ -63,7 +67,11 @@ def sampled_token_loss(student_logprobs, teacher_logprobs, mask, *, sampling_log
     dtype = _dtype(student_logprobs, teacher_logprobs, sampling_logprobs)
     logp = student_logprobs.to(dtype)
     adv = sampled_token_advantage(logp, teacher_logprobs, clip=clip)
-    if sampling_logprobs is None:
+    if weights is not None:
+        assert sampling_logprobs is None, "give weights or sampling_logprobs, not both"
+        assert weights.shape == logp.shape, f"weights {tuple(weights.shape)} vs {tuple(logp.shape)}"
+        weighted = weights.detach().to(dtype) * adv
+    elif sampling_logprobs is None:
         weighted = adv
     else:
         assert sampling_logprobs.shape == logp.shape, \

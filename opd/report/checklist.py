@@ -1,8 +1,10 @@
 """The review checklist: six questions a reviewer asks of every distillation run, answered from its files.
 
-Each item is {"status": "pass" | "fail" | "unknown", "evidence": "..."}: "unknown" means the run
-directory lacks what the answer needs (an unfinished run, no sample store), never a guess. The
-result is shown in report.html and merged into summary.json under `checklist`.
+Each item is {"status": "pass" | "fail" | "warn" | "unknown", "evidence": "..."}: "unknown" means the
+run directory lacks what the answer needs (an unfinished run, no sample store, a teacher that can
+only be reached through its server), never a guess; "warn" means the question does not apply as
+asked (no filters were configured) and a reviewer should look. The result is shown in report.html
+and merged into summary.json under `checklist`.
 """
 
 from __future__ import annotations
@@ -109,6 +111,10 @@ def item(status: str, evidence: str) -> dict:
 
 def check_teacher_stronger(run: RunFiles) -> dict:
     acc = accuracies(run)
+    url = (run.config.get("teacher") or {}).get("url")
+    if acc["teacher"] is None and url and acc["before"] is not None:
+        return item("unknown", f"the teacher is served ({url}) and could not be evaluated locally; "
+                               f"{_acc_text('student before', acc['before'])}")
     return _compare("teacher", acc["teacher"], "student before", acc["before"],
                     "no step-0 evaluation of teacher and student yet")
 
@@ -171,8 +177,9 @@ def check_filters_explicit(run: RunFiles) -> dict:
             if key.startswith("reject/"):
                 totals[key[7:]] = totals.get(key[7:], 0) + int(value)
     if not names:
-        extra = f"; but metrics count rejections by {sorted(totals)}" if totals else ""
-        return item("fail" if totals else "pass", "no filter rules: every rollout trains" + extra)
+        if totals:
+            return item("fail", f"no filter rules in the manifest, but metrics count rejections by {sorted(totals)}")
+        return item("warn", "no filters configured: every rollout trains, nothing was checked or dropped")
     undeclared = sorted(set(totals) - set(names))
     unlogged = [n for n in names if n not in totals] if run.metrics else []
     text = f"{len(names)} rule(s) in order: " + ", ".join(f"{n} (rejected {totals.get(n, 0)})" for n in names)

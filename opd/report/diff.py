@@ -67,22 +67,26 @@ def delta(a, b) -> float | None:
 def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12] + "…"  # a sha256: the first 12 hex digits tell two apart; the files have all 64
     return str(value)
 
 
 def print_diff(rows: list[tuple], run_a: str = "a", run_b: str = "b", console=None) -> None:
-    """The diff as a rich table; metric rows carry b - a."""
+    """The diff as a rich table that reads at 80 columns; metric rows carry b - a."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     console = console or Console()
     setup = [r for r in rows if not r[0].startswith("summary.")]
+    console.print(Text(f"a: {run_a}\nb: {run_b}"))
     table = Table(title=Text(f"{len(setup)} setting(s) differ" + ("" if setup else " (same setup)")))
-    table.add_column("key", overflow="fold")
-    table.add_column(Text(f"a: {run_a}"), overflow="fold")
-    table.add_column(Text(f"b: {run_b}"), overflow="fold")
-    table.add_column("b - a", justify="right")
+    # keys stay whole up to a common length; the values share what is left of the width
+    table.add_column("key", overflow="fold", min_width=min(max((len(r[0]) for r in rows), default=3), 32))
+    table.add_column("a", overflow="fold", ratio=1)
+    table.add_column("b", overflow="fold", ratio=1)
+    table.add_column("b - a", justify="right", no_wrap=True)
     for i, (key, va, vb) in enumerate(rows):
         d = delta(va, vb) if key.startswith("summary.") else None
         group_ends = i + 1 < len(rows) and rows[i + 1][0].split(".")[0] != key.split(".")[0]

@@ -16,7 +16,7 @@ import opd
 from opd.errors import OpdError
 from opd.report.checklist import (FAILURES_ANCHOR, TITLES, RunFiles, accuracies, evaluate_checklist, load_run,
                                   merge_into_summary, wilson)
-from opd.report.plots import all_plots
+from opd.report.plots import curves
 from opd.store.rundir import atomic_write_text
 
 SAMPLES_PER_EVAL = 4
@@ -29,6 +29,7 @@ line-height:1.4}h1{font-size:1.5em}h2{border-bottom:1px solid #d0d7de;padding-bo
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #d0d7de;padding:4px 8px;text-align:left;
 vertical-align:top}th{background:#f6f8fa}.num{text-align:right;font-variant-numeric:tabular-nums}
 .pass{background:#1a7f37;color:#fff}.fail{background:#cf222e;color:#fff}.unknown{background:#6e7781;color:#fff}
+.warn{background:#bf8700;color:#fff}
 .badge{border-radius:10px;padding:1px 8px;font-size:.85em;font-weight:600}
 .plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(500px,1fr));gap:12px}
 figure{margin:0;border:1px solid #d0d7de;padding:6px}figcaption{font-size:.85em;color:#57606a}
@@ -51,7 +52,7 @@ def build_report(run_dir: str | Path) -> tuple[Path, dict]:
     merge_into_summary(run.root, checklist)
     sections = [checklist_section(checklist), summary_section(run), plots_section(run), samples_section(run),
                 failures_section(run), manifest_section(run)]
-    title = f"opd report: {run.root.resolve().name}"
+    title = report_title(run)
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{escape(title)}</title>"
             f"<style>{CSS}</style></head><body>\n<h1>{escape(title)}</h1>\n"
             f"<p class=\"muted\">{escape(str(run.root.resolve()))} · written by opd {escape(opd.__version__)}</p>\n"
@@ -59,6 +60,43 @@ def build_report(run_dir: str | Path) -> tuple[Path, dict]:
     path = run.root / "report.html"
     atomic_write_text(path, page)
     return path, checklist
+
+
+def _model_name(run: RunFiles, role: str) -> str:
+    """The model as the config names it (a folder by its last part), or the served teacher's URL."""
+    cfg, entry = run.config.get(role) or {}, run.manifest.get(role) or {}
+    name = str(cfg.get("model") or entry.get("name") or cfg.get("url") or "")
+    return Path(name).name if name and not cfg.get("url") and Path(name).expanduser().is_absolute() else name
+
+
+def task_names(run: RunFiles) -> list[str]:
+    """The run's task: a built-in family, else the task tags of its eval answers, else its training file."""
+    task = run.config.get("task") or {}
+    if task.get("builtin"):
+        return [task["builtin"]]
+    store = run.store()
+    if store is not None and store.parts("evals"):
+        tags = [r["t"] for r in store.rows("select distinct task_tag as t from evals order by 1")]
+        if tags and tags != ["default"]:
+            return tags
+    return [Path(task["train"]).name] if task.get("train") else []
+
+
+def report_title(run: RunFiles) -> str:
+    """'opd report: student S, teacher T, task reverse_addition', from config.yaml / manifest.json."""
+    method = (run.config.get("method") or {}).get("name") or run.summary.get("method") or "opd"
+    student, teacher, tasks = _model_name(run, "student"), _model_name(run, "teacher"), task_names(run)
+    if not (student or teacher):
+        return f"opd report: {run.root.resolve().name}"
+    return (f"{method} report: student {student or '?'}, teacher {teacher or '?'}"
+            + (f", task {', '.join(tasks)}" if tasks else ""))
+
+
+def task_descriptions(tags) -> list[str]:
+    """'reverse_addition: a+b= -> digits of a+b, least significant first' for each built-in task among `tags`."""
+    from opd.tasks.builtin import BUILTIN_TASKS
+
+    return [f"{t}: {BUILTIN_TASKS[t].description}" for t in tags if t in BUILTIN_TASKS]
 
 
 def _table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
@@ -112,10 +150,13 @@ def _fmt(value) -> str:
 
 
 def plots_section(run: RunFiles) -> str:
+    plots, omitted = curves(run)
     figures = [f"<figure><img alt=\"{escape(p.title)}\" src=\"data:image/png;base64,{p.png_base64}\">"
                f"<figcaption><b>{escape(p.title)}</b>{' — ' + escape(p.note) if p.note else ''}</figcaption></figure>"
-               for p in all_plots(run)]
+               for p in plots]
     body = f"<div class=\"plots\">{''.join(figures)}</div>" if figures else "<p>no metrics logged yet</p>"
+    if omitted:
+        body += "<p class=\"muted\">Not drawn, as they carry no information for this run: " + "; ".join(map(escape, omitted)) + ".</p>"
     return "<h2 id=\"curves\">Curves</h2>" + body
 
 
@@ -160,6 +201,7 @@ def samples_section(run: RunFiles) -> str:
               f"<span style=\"background:{token_colour(GAP_SCALE / 2)}\">teacher more confident</span>"
               " (hover a token for the numbers)" + ("" if tokenizer else "; no tokenizer found, ids shown") + "</p>")
     parts = [head, legend]
+    accuracy = {e["step"]: e.get("accuracy") for e in run.evals}
     for step in steps:
         rows = store.rows("select * from rollouts where step = (select max(step) from rollouts where step <= ?) "
                           "order by hash(prompt || completion) limit ?", [step, SAMPLES_PER_EVAL])
@@ -168,7 +210,10 @@ def samples_section(run: RunFiles) -> str:
         table = [[escape(r["prompt"]), tokens_html(r, tokenizer), escape(r.get("source") or "student"),
                   "kept" if r["kept"] else f"rejected: {escape(r['reject_rule'] or '?')}",
                   _yes_no(r["correct"]), str(r["step"] - 1 - r["policy_version"])] for r in rows]
-        parts.append(f"<h3>eval step {step} (rollouts of step {rows[0]['step']})</h3>"
+        acc = f" (held-out accuracy {accuracy[step]:.3f})" if accuracy.get(step) is not None else ""
+        sampled = rows[0]["step"]
+        when = ("sampled in that step" if sampled == step else f"sampled in step {sampled}, the latest stored")
+        parts.append(f"<h3>After {step} training steps{acc}: rollouts {when}</h3>"
                      + _table(["prompt", "completion", "written by", "filter", "correct", "lag"], table))
     return "\n".join(parts)
 
@@ -186,16 +231,23 @@ def failures_section(run: RunFiles) -> str:
                            "where step = ?", [step])[0]
         rows = store.rows("select * from evals where step = ? and not correct order by prompt limit ?",
                           [step, MAX_FAILURES])
-        intro = f"<p>step {step}: {total['bad']} of {total['n']} answers wrong"
+        intro = f"<p>evaluation after {step} training steps: {total['bad']} of {total['n']} answers wrong"
     elif run.evals and run.evals[-1].get("failures") is not None:
         step, rows = run.evals[-1]["step"], run.evals[-1]["failures"][:MAX_FAILURES]
-        intro = f"<p>step {step} (from eval.jsonl, no sample store): {len(rows)} failures logged"
+        intro = f"<p>evaluation after {step} training steps (from eval.jsonl, no sample store): {len(rows)} failures logged"
     else:
         return head + "<p>no failure cases logged</p>"
     intro += f" (showing {len(rows)})</p>" if rows else "</p>"
-    table = [[escape(r.get("task_tag") or r.get("tag") or ""), escape(r["prompt"]), f"<code>{escape(r['completion'])}</code>",
-              f"<code>{escape(str(r.get('expected')))}</code>", _yes_no(r.get("well_formed"))] for r in rows]
-    return head + intro + (_table(["task", "prompt", "completion", "expected", "well-formed"], table) if rows else "")
+    described = task_descriptions(sorted({r.get("task_tag") or r.get("tag") or "" for r in rows}))
+    if described:  # e.g. that reverse_addition's expected answers are written least significant digit first
+        intro += "<p>Task " + "; ".join(map(escape, described)) + ".</p>"
+    tags = [r.get("task_tag") or r.get("tag") or "" for r in rows]
+    mixed = len(set(tags)) > 1  # one task is named above the table, not in every row
+    table = [[escape(t)] * mixed + [escape(r["prompt"]), f"<code>{escape(r['completion'])}</code>",
+                                    f"<code>{escape(str(r.get('expected')))}</code>", _yes_no(r.get("well_formed"))]
+             for t, r in zip(tags, rows)]
+    headers = ["task"] * mixed + ["prompt", "completion", "expected", "well-formed"]
+    return head + intro + (_table(headers, table) if rows else "")
 
 
 def manifest_section(run: RunFiles) -> str:
@@ -214,8 +266,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("run", help="run directory (the config's 'out')")
     p.set_defaults(func=run_report)
     p = subparsers.add_parser("diff", help="config/manifest keys that differ between two runs, and metric deltas")
-    p.add_argument("run_a")
-    p.add_argument("run_b")
+    p.add_argument("run_a", help="the first run directory (a)")
+    p.add_argument("run_b", help="the second run directory (b); deltas are b - a")
     p.set_defaults(func=_run_diff)
 
 
@@ -229,5 +281,5 @@ def run_report(args) -> None:
     if not Path(args.run).is_dir():
         raise OpdError(f"run directory not found: {args.run}")
     path, checklist = build_report(args.run)
-    counts = {s: sum(1 for r in checklist.values() if r["status"] == s) for s in ("pass", "fail", "unknown")}
-    print(f"wrote {path} (checklist: {counts['pass']} pass, {counts['fail']} fail, {counts['unknown']} unknown)")
+    counts = {s: sum(1 for r in checklist.values() if r["status"] == s) for s in ("pass", "fail", "warn", "unknown")}
+    print(f"wrote {path} (checklist: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ")")

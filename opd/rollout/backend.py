@@ -17,7 +17,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from opd.rollout.sampler import Batch, generate
+from opd.batch import Batch
+from opd.rollout.sampler import generate
 
 
 @runtime_checkable
@@ -25,8 +26,10 @@ class RolloutBackend(Protocol):
     """Samples completions with the weights it was last given, and says which version those are."""
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
-                 greedy: bool = False, seed: int = 0) -> Batch:
-        """Completions for token-id prompts; the same seed gives the same samples."""
+                 greedy: bool = False, seed: int = 0, uniforms: torch.Tensor | None = None) -> Batch:
+        """Completions for token-id prompts; the same seed gives the same samples. `uniforms`
+        [B, max_new_tokens] (one per row and position), when the backend can use them, make each row's
+        sample independent of how rows are split across workers (opd's sampler and Ray workers do)."""
         ...
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
@@ -51,20 +54,43 @@ class HFBackend:
         return self._version
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
-                 greedy: bool = False, seed: int = 0) -> Batch:
-        """Sample from the deployed policy (eval mode: no dropout), randomness from `seed` alone."""
+                 greedy: bool = False, seed: int = 0, uniforms: torch.Tensor | None = None) -> Batch:
+        """Sample from the deployed policy (eval mode: no dropout), randomness from `uniforms` or `seed`."""
         was_training = self.model.training
         self.model.eval()
         try:
             return generate(self.model, prompts, eos_id=self.eos_id, pad_id=self.pad_id,
                             max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
-                            generator=torch.Generator().manual_seed(seed), fast=self.fast)
+                            generator=torch.Generator().manual_seed(seed), uniforms=uniforms, fast=self.fast)
         finally:
             self.model.train(was_training)
 
     @torch.no_grad()
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         """Copy the weights in place; strict, so a missing or misnamed tensor fails loudly instead of
-        leaving a stale weight behind."""
-        self.model.load_state_dict(dict(state_dict), strict=True)
+        leaving a stale weight behind. The trainer's own model (same storage) needs no copy."""
+        own = self.model.state_dict()
+        if not (own.keys() == state_dict.keys() and all(own[k].data_ptr() == v.data_ptr() for k, v in state_dict.items())):
+            self.model.load_state_dict(dict(state_dict), strict=True)
         self._version = version
+
+
+def make_backend(cfg, student, scale_workers=None) -> RolloutBackend:
+    """The backend `rollout.backend` names; an unavailable one is a one-line error."""
+    from opd.errors import OpdError
+
+    name = cfg.rollout.backend
+    if name == "auto":
+        name = "ray" if cfg.scale.rollout_workers else "hf"
+    tok = student.tokenizer
+    if name == "hf":
+        return HFBackend(student.model, tok.eos_token_id, tok.pad_token_id)
+    if name == "ray":
+        if scale_workers is None:
+            raise OpdError("rollout.backend ray needs scale.ray_address and scale.rollout_workers > 0")
+        return scale_workers.rollout_backend()
+    try:
+        from opd.backends.vllm import VLLMBackend
+    except ImportError as exc:
+        raise OpdError(f"rollout.backend vllm is unavailable ({exc}): pip install 'opd[vllm]' on a GPU machine") from None
+    return VLLMBackend(student.name, tok.eos_token_id, tok.pad_token_id)

@@ -19,7 +19,8 @@ import os
 import torch
 
 from opd.errors import OpdError
-from opd.rollout.sampler import Batch, concat_batches
+from opd.batch import Batch, concat_batches
+from opd.teachers.local import LocalTeacher
 
 
 def row_blocks(n_rows: int, n_workers: int) -> list[slice]:
@@ -67,7 +68,7 @@ class TeacherWorker:
         self.model = load_model(model_path).model.to(getattr(torch, dtype)).eval()
 
     def hidden(self, batch: Batch) -> torch.Tensor:
-        from opd.train.step import teacher_hidden
+        from opd.teachers.local import teacher_hidden
 
         return teacher_hidden(self.model, batch).clone()  # a normal tensor, not an inference tensor
 
@@ -75,12 +76,13 @@ class TeacherWorker:
 class RayWorkers:
     """The Ray actors of one run: `rollout_workers` students and `teacher_workers` per local teacher."""
 
-    def __init__(self, scale, student_path: str, teachers, pad_id: int):
+    def __init__(self, scale, student_path: str, teachers: list, pad_id: int, eos_id: int):
+        """teachers: the LocalTeachers whose forward passes run on `scale.teacher_workers` actors each."""
         try:
             import ray
         except ImportError:
             raise OpdError("scale.ray_address needs Ray: pip install 'opd[ray]'") from None
-        self.ray, self.pad_id, self.started = ray, pad_id, False
+        self.ray, self.pad_id, self.eos_id, self.started = ray, pad_id, eos_id, False
         n_actors = scale.rollout_workers + scale.teacher_workers * len(teachers)
         if not ray.is_initialized():
             if scale.ray_address == "local":  # on a laptop, actors may outnumber cores: oversubscribe
@@ -97,10 +99,10 @@ class RayWorkers:
         self.version = None
         self.counts = {"weight_pushes": 0, "rollout_batches": 0, "teacher_passes": 0}  # -> summary.json
 
-    def push_weights(self, model, version: int) -> None:
+    def push_weights(self, state_dict, version: int) -> None:
         """Every rollout worker gets the trainer's current weights, tagged with their policy version."""
         if self.rollout and version != self.version:
-            state = self.ray.put({k: v.detach().clone() for k, v in model.state_dict().items()})
+            state = self.ray.put({k: v.detach().clone() for k, v in state_dict.items()})
             self.ray.get([w.load.remote(state, version) for w in self.rollout])
             self.version = version
             self.counts["weight_pushes"] += 1
@@ -128,3 +130,44 @@ class RayWorkers:
             self.ray.kill(actor)
         if self.started:
             self.ray.shutdown()
+
+    def rollout_backend(self) -> "RayRolloutBackend":
+        return RayRolloutBackend(self)
+
+    def host(self, teacher: LocalTeacher) -> LocalTeacher:
+        """The teacher, with its forward passes on this run's teacher actors (when it has any)."""
+        return RayTeacher(teacher, self) if self.teacher.get(teacher.name) else teacher
+
+
+class RayRolloutBackend:
+    """RolloutBackend (opd/rollout/backend.py) on the rollout actors: rows in contiguous blocks."""
+
+    def __init__(self, workers: RayWorkers):
+        self.workers, self._version = workers, None
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def load_weights(self, state_dict, version: int) -> None:
+        self.workers.push_weights(state_dict, version)
+        self._version = version
+
+    def generate(self, prompts, *, max_new_tokens: int, temperature: float = 1.0, greedy: bool = False, seed: int = 0,
+                 uniforms: torch.Tensor | None = None) -> Batch:
+        if uniforms is None and not greedy:
+            uniforms = torch.rand(len(prompts), max_new_tokens, generator=torch.Generator().manual_seed(seed))
+        options = dict(eos_id=self.workers.eos_id, pad_id=self.workers.pad_id, greedy=greedy,
+                       max_new_tokens=max_new_tokens, temperature=temperature)
+        return self.workers.generate(prompts, uniforms, self._version, options)
+
+
+class RayTeacher(LocalTeacher):
+    """A local teacher whose body runs on Ray actors; the head and everything else stay here."""
+
+    def __init__(self, local: LocalTeacher, workers: RayWorkers):
+        self.__dict__.update(local.__dict__)  # the same teacher (model, schema, precision), hosted elsewhere
+        self.workers = workers
+
+    def hidden(self, batch: Batch) -> torch.Tensor:
+        return self.workers.teacher_hidden(self.name, batch)

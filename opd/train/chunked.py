@@ -14,11 +14,10 @@ states" are the full logits: correct, just not memory-bounded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from opd.rollout.sampler import Batch, position_ids
+from opd.batch import Batch, position_ids
+from opd.scores import FlatTeacher, TeacherScores  # noqa: F401  (re-exported)
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB of float32): whole batch at small vocabularies
 
@@ -76,67 +75,3 @@ def token_logprobs_chunked(head, hidden: torch.Tensor, token_ids: torch.Tensor, 
         logp = torch.log_softmax(head(hidden[lo:hi]).float(), dim=-1)
         out[lo:hi] = logp.gather(-1, token_ids[lo:hi, None]).squeeze(-1)
     return out
-
-
-@dataclass
-class TeacherScores:
-    """The local teachers' view of a batch: hidden states, not logits.
-
-    hidden[g] [B, T, H_g]: teacher g's final hidden states at the completion positions (zero on rows
-    of other teachers); heads[g] turns them into logits; owner [B] is each row's teacher index.
-    A served teacher sends no hidden states, only its top-k: topk_logprobs / topk_ids [B, T, K].
-    """
-
-    hidden: list
-    heads: list
-    owner: torch.Tensor
-    topk_logprobs: torch.Tensor | None = None
-    topk_ids: torch.Tensor | None = None
-
-    def rows(self, index) -> "TeacherScores":
-        topk = (None, None) if self.topk_ids is None else (self.topk_logprobs[index], self.topk_ids[index])
-        return TeacherScores([h[index] for h in self.hidden], self.heads, self.owner[index], *topk)
-
-    def flat(self, token_mask: torch.Tensor) -> "FlatTeacher":
-        """The completion tokens selected by token_mask [B, T] (row-major), as a flat sequence."""
-        sel = token_mask.bool()
-        owner = self.owner[:, None].expand(sel.shape)[sel]
-        topk = (None, None) if self.topk_ids is None else (self.topk_logprobs[sel], self.topk_ids[sel])
-        return FlatTeacher([h[sel] for h in self.hidden], self.heads, owner, *topk)
-
-    def logits(self) -> torch.Tensor:
-        """Dense float32 logits [B, T, V] (tests and small batches only: this is what chunking avoids)."""
-        full = torch.ones(self.owner.shape[0], self.hidden[0].shape[1], dtype=torch.bool)
-        flat = self.flat(full)
-        return flat.logits(0, flat.owner.shape[0]).view(*full.shape, -1)
-
-
-@dataclass
-class FlatTeacher:
-    hidden: list  # [N, H_g] per teacher
-    heads: list
-    owner: torch.Tensor  # [N]
-    topk_logprobs: torch.Tensor | None = None  # [N, K]
-    topk_ids: torch.Tensor | None = None
-
-    def topk(self, lo: int, hi: int):
-        """(log-probs, ids) [hi - lo, 1, K] of the teacher's top-k at flat tokens lo..hi, or None."""
-        if self.topk_ids is None:
-            return None
-        return self.topk_logprobs[lo:hi, None], self.topk_ids[lo:hi, None]
-
-    @torch.no_grad()
-    def logits(self, lo: int, hi: int) -> torch.Tensor:
-        """float32 teacher logits [hi - lo, V] of flat tokens lo..hi."""
-        if len(self.heads) == 1:
-            return self.heads[0](self.hidden[0][lo:hi]).float()
-        owner = self.owner[lo:hi]
-        out = None
-        for g, head in enumerate(self.heads):
-            rows = (owner == g).nonzero().squeeze(1)
-            if rows.numel():
-                part = head(self.hidden[g][lo:hi][rows]).float()
-                if out is None:
-                    out = part.new_zeros(hi - lo, part.shape[-1])
-                out[rows] = part
-        return out

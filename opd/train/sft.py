@@ -12,22 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from opd.rollout.prompts import encode_answers, encode_prompts
-from opd.rollout.sampler import Batch, completion_logits, left_pad
+from opd.batch import Batch, completion_logits, make_sft_batch  # noqa: F401  (make_sft_batch: re-exported)
 from opd.train.optim import make_optimizer, optimizer_step
-
-
-def make_sft_batch(prompt_ids: list[list[int]], answer_ids: list[list[int]], pad_id: int) -> Batch:
-    """Left-padded prompts + right-padded targets, in the same layout as sampled rollouts."""
-    p_ids, p_mask = left_pad(prompt_ids, pad_id)
-    width = max(len(a) for a in answer_ids)
-    c_ids = torch.full((len(answer_ids), width), pad_id, dtype=torch.long)
-    c_mask = torch.zeros((len(answer_ids), width), dtype=torch.long)
-    for i, ans in enumerate(answer_ids):
-        c_ids[i, :len(ans)] = torch.tensor(ans, dtype=torch.long)
-        c_mask[i, :len(ans)] = 1
-    return Batch(prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids, completion_mask=c_mask,
-                 sample_logprobs=torch.full(c_ids.shape, float("nan")),  # no sampling policy
-                 truncated=torch.zeros(len(answer_ids), dtype=torch.bool))
 
 
 def sft_loss(model, batch: Batch, normalizer: float | None = None) -> torch.Tensor:
@@ -65,8 +51,9 @@ def run_sft(model, tokenizer, examples, schema, *, steps: int, batch_size: int =
     model.requires_grad_(True)
     optimizer, scheduler = make_optimizer(model, lr, weight_decay, warmup_steps)
     losses, evals = [], []
-    bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress)
-    for step in bar:
+    # counted after each finished step, so the bar ends at N/N (or at the step --stop-at stopped at)
+    bar = tqdm(total=steps, desc=desc, disable=not progress)
+    for step in range(1, steps + 1):
         idx = [rng.randrange(len(examples)) for _ in range(batch_size)]
         batch = make_sft_batch([prompts[i] for i in idx], [answers[i] for i in idx], tokenizer.pad_token_id)
         loss = sft_loss(model, batch)
@@ -74,10 +61,13 @@ def run_sft(model, tokenizer, examples, schema, *, steps: int, batch_size: int =
         optimizer_step(model, optimizer, scheduler, grad_clip)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        bar.update(1)
         if eval_fn is not None and eval_every and (step % eval_every == 0 or step == steps):
             evals.append((step, eval_fn(model)))
             model.train()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", eval=f"{evals[-1][1]:.3f}")
             if stop_at is not None and evals[-1][1] >= stop_at:
                 break
+    bar.close()
     model.eval()
     return SftResult(steps=len(losses), final_loss=losses[-1] if losses else float("nan"), losses=losses, evals=evals)

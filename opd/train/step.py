@@ -1,48 +1,23 @@
-"""One training step's pieces: teacher scoring, and the update for every method.
+"""One optimizer step for any method: micro-batches of rows, chunks of completion tokens.
 
-Methods (config `method.name`):
-  opd     student samples; divergence to the teacher on its own samples (the default)
-  sft     teacher samples (or a traces file); cross-entropy on the teacher's tokens
-  mixed   GKD's λ: a batch is student-sampled with probability λ, else teacher-sampled; divergence
-  rl      student samples G per prompt; REINFORCE with a group baseline on the 0/1 verifier reward
-  opd+rl  the divergence plus a weighted verifier-reward policy gradient
+The method (opd/methods/) says what its loss is on a chunk; this module owns everything shared:
+the body/head split, chunking, micro-batching, precision, importance weights for rows the current
+student did not sample, and the step's statistics.
 """
 
 from __future__ import annotations
 
 import torch
 
+from opd.batch import Batch
+from opd.methods.base import Chunk
 from opd.objectives.divergences import per_token_reverse_kl
-from opd.objectives.reward import policy_gradient_loss
+from opd.objectives.offpolicy import prefix_weights
 from opd.objectives.sampled import k3
-from opd.objectives.select import token_logprobs
-from opd.rollout.sampler import Batch
-from opd.train.chunked import (DEFAULT_CHUNK_ELEMENTS, TeacherScores, chunk_ranges, completion_hidden, split_lm,
-                               token_logprobs_chunked)
+from opd.objectives.select import IS_CLIP, token_logprobs
+from opd.scores import TeacherScores
+from opd.train.chunked import DEFAULT_CHUNK_ELEMENTS, chunk_ranges, completion_hidden, split_lm
 from opd.train.optim import optimizer_step
-
-METHODS = ("opd", "sft", "mixed", "rl", "opd+rl")
-USES_TEACHER_SCORES = {"opd", "mixed", "opd+rl"}
-USES_REWARD = {"rl", "opd+rl"}
-
-
-@torch.inference_mode()
-def teacher_hidden(teacher, batch: Batch) -> torch.Tensor:
-    """The teacher's final hidden states [B, T, H] at the completion positions (no gradient, no logits)."""
-    return completion_hidden(teacher, batch)
-
-
-def score(teacher, batch: Batch, hidden: torch.Tensor | None = None) -> tuple[TeacherScores, torch.Tensor]:
-    """One local teacher's scores for a batch, and its log-prob of each sampled token [B, T] (masked).
-
-    `hidden`: the teacher's hidden states if a worker already computed them (scale.teacher_workers)."""
-    hidden = teacher_hidden(teacher, batch) if hidden is None else hidden
-    _, head = split_lm(teacher)
-    sel = batch.completion_mask.bool()
-    logprobs = torch.zeros(batch.completion_ids.shape)
-    with torch.no_grad():
-        logprobs[sel] = token_logprobs_chunked(head, hidden[sel], batch.completion_ids[sel], teacher.config.vocab_size)
-    return TeacherScores([hidden], [head], torch.zeros(hidden.shape[0], dtype=torch.long)), logprobs
 
 
 def student_precision(name: str) -> str:
@@ -52,16 +27,33 @@ def student_precision(name: str) -> str:
     return ("bfloat16" if native_bf16() else "float32") if name == "auto" else name
 
 
-def update(student, optimizer, scheduler, objective, batch: Batch, teacher: TeacherScores | None, cfg, *,
-           teacher_logprobs=None, method: str = "opd", advantages=None, reward_weight: float = 1.0,
-           stale: bool = False) -> dict:
-    """One optimizer step, in micro-batches of rows and chunks of completion tokens.
+def weighted_rows(objective, sources: list[str], lag: int, rollout_temperature: float) -> torch.Tensor:
+    """[B] bool: rows whose tokens need importance weights (docs/objectives.md).
+
+    Exact divergences sum over each position's next token, so only an off-policy *prefix* needs a
+    correction: stale student rows. Teacher-sampled rows (sft/mixed/kd) are the method's own choice of
+    distribution and are not reweighted. The sampled-token estimator is valid only on tokens drawn from
+    the current student at the loss temperature, so it reweights every other row."""
+    student = torch.tensor([s == "student" for s in sources])
+    stale = student & (lag > 0)
+    if not objective.is_sampled:
+        return stale
+    other_temperature = rollout_temperature != objective.temperature
+    return stale | ~student | (student & other_temperature)
+
+
+def update(student, optimizer, scheduler, method, objective, batch: Batch, cfg, *,
+           scores: TeacherScores | None = None, advantages: torch.Tensor | None = None,
+           weighted: torch.Tensor | None = None, rollout_temperature: float = 1.0) -> dict:
+    """One optimizer step on `batch` (the kept rows); returns its statistics.
 
     Every loss is a sum over completion tokens divided by the token count of the whole batch, so
     neither micro-batches (gradient accumulation) nor token chunks change the loss or the gradient.
     The student's body runs once per micro-batch; its head, the teacher's head and the loss run per
     chunk of at most `cfg.logits_chunk` logits, with the chunk's gradient handed back to the body.
+    `weighted` [B] marks rows that get importance weights (see `weighted_rows`).
     """
+    assert batch.completion_mask.shape == batch.completion_ids.shape
     n_tokens = max(int(batch.completion_mask.sum()), 1)
     rows = batch.prompt_ids.shape[0]
     micro = cfg.micro_batch_size or rows
@@ -71,16 +63,13 @@ def update(student, optimizer, scheduler, objective, batch: Batch, teacher: Teac
                               enabled=student_precision(cfg.precision) == "bfloat16")
     _, head = split_lm(student)
     vocab = student.config.vocab_size
+    # the exact reverse KL at temperature 1, unweighted, is its own per-token KL metric: no second pass
+    loss_is_kl = (method.uses_teacher and objective.name == "reverse_kl" and objective.temperature == 1.0
+                  and (weighted is None or not weighted.any()))
     total_loss, kl_sum, teacher_lp_sum = 0.0, 0.0, 0.0
-    scored = teacher is not None or teacher_logprobs is not None
-    # the exact reverse KL at temperature 1 is its own per-token KL metric: no second vocabulary pass
-    loss_is_kl = (method in USES_TEACHER_SCORES and objective.name == "reverse_kl" and not stale
-                  and objective.params.get("temperature", 1.0) == 1.0)
-    # sampled-token log-probs: only for the losses (and the k3 metric) that use them
-    has_logits = teacher is not None and bool(teacher.heads)
-    needs_s_lp = method == "sft" or method in USES_REWARD or (scored and not has_logits)
     for lo in range(0, rows, micro):
-        sub = batch.rows(slice(lo, lo + micro))
+        part = slice(lo, lo + micro)
+        sub = batch.rows(part)
         sel = sub.completion_mask.bool()
         n = int(sel.sum())
         if n == 0:
@@ -89,43 +78,57 @@ def update(student, optimizer, scheduler, objective, batch: Batch, teacher: Teac
             hidden = completion_hidden(student, sub)[sel]  # [n, H] (or [n, V] logits without a head split)
         leaf = hidden.detach().requires_grad_()
         ids = sub.completion_ids[sel][:, None]  # each token is a row of length 1: [n, 1]
-        flat_teacher = teacher.rows(slice(lo, lo + micro)).flat(sel) if teacher is not None else None
-        t_lp_all = teacher_logprobs[lo:lo + micro][sel][:, None] if teacher_logprobs is not None else None
-        sampled_lp = sub.sample_logprobs[sel][:, None] if stale else None
-        adv = advantages[lo:lo + micro][:, None].expand(sel.shape)[sel] if advantages is not None else None
-        for a, b in chunk_ranges(n, vocab, chunk_elements):
+        chunks = chunk_ranges(n, vocab, chunk_elements)
+        flat = scores.rows(part).flat(sel) if scores is not None else None
+        adv = advantages[part][:, None].expand(sel.shape)[sel] if advantages is not None else None
+        weights = None
+        if weighted is not None and weighted[part].any():
+            weights = _importance_weights(head, leaf, ids, sub, sel, weighted[part], chunks, autocast, objective,
+                                          rollout_temperature)
+        for a, b in chunks:
             with autocast:
                 s_logits = head(leaf[a:b])
-            s_logits = s_logits.float()[:, None]  # [c, 1, V]
-            mask = torch.ones(b - a, 1, dtype=torch.long)
-            s_lp = token_logprobs(s_logits, ids[a:b]) if needs_s_lp else None
-            loss = s_logits.new_zeros(())
-            if method == "sft":
-                loss = -s_lp.sum() / n_tokens
-            if scored:
-                t_logits = flat_teacher.logits(a, b)[:, None] if has_logits else None
-                t_lp = t_lp_all[a:b] if t_lp_all is not None else token_logprobs(t_logits, ids[a:b])
-                if method in USES_TEACHER_SCORES:
-                    divergence = objective.loss(s_logits, t_logits, t_lp, ids[a:b], mask, normalizer=n_tokens,
-                                                sampling_logprobs=sampled_lp[a:b] if stale else None,
-                                                teacher_topk=flat_teacher.topk(a, b) if flat_teacher else None)
-                    loss = loss + divergence
+            chunk = Chunk(student_logits=s_logits.float()[:, None], ids=ids[a:b], normalizer=n_tokens,
+                          teacher_logits=flat.logits(a, b)[:, None] if flat is not None and flat.heads else None,
+                          teacher_topk=flat.topk(a, b) if flat is not None else None,
+                          teacher_logprobs=flat.logprobs[a:b, None] if flat is not None else None,
+                          advantages=adv[a:b] if adv is not None else None,
+                          weights=weights[a:b, None] if weights is not None else None)
+            loss = method.loss(chunk, objective)
+            if flat is not None:
+                t_lp = chunk.teacher_logprobs
                 if loss_is_kl:
-                    kl_sum += divergence.item() * n_tokens
-                elif t_logits is not None:  # exact per-token KL; with log-probs only, the k3 estimate
-                    kl_sum += float(per_token_reverse_kl(s_logits.detach(), t_logits).sum())
+                    kl_sum += loss.item() * n_tokens
+                elif chunk.teacher_logits is not None:  # exact per-token KL; with log-probs only, the k3 estimate
+                    kl_sum += float(per_token_reverse_kl(chunk.student_logits.detach(), chunk.teacher_logits).sum())
                 else:
-                    kl_sum += float(k3(s_lp.detach(), t_lp).sum())
+                    kl_sum += float(k3(chunk.student_logprobs.detach(), t_lp).sum())
                 teacher_lp_sum += float(t_lp.sum())
-            if method in USES_REWARD:
-                weight = 1.0 if method == "rl" else reward_weight
-                loss = loss + weight * policy_gradient_loss(s_lp, adv[a:b], mask, normalizer=n_tokens)
             loss.backward()
             total_loss += loss.item()
         if leaf.grad is not None and hidden.requires_grad:
             hidden.backward(leaf.grad)
     grad_norm, applied = optimizer_step(student, optimizer, scheduler, cfg.grad_clip)
     stats = {"loss": total_loss, "grad_norm": grad_norm, "update_applied": applied}
-    if scored:
+    if scores is not None and method.uses_teacher:
         stats.update(reverse_kl=kl_sum / n_tokens, teacher_logprob=teacher_lp_sum / n_tokens)
     return stats
+
+
+@torch.no_grad()
+def _importance_weights(head, leaf, ids, sub: Batch, sel, weighted, chunks, autocast, objective,
+                        rollout_temperature) -> torch.Tensor:
+    """Flat [n] weights of one micro-batch's tokens (1 on rows not in `weighted`): the current student's
+    log-probs of every sampled token (a head pass without gradient), then opd/objectives/offpolicy.py."""
+    prefix, token = torch.zeros(sel.shape), torch.zeros(sel.shape)
+    flat_prefix, flat_token = torch.empty(ids.shape[0]), torch.empty(ids.shape[0])
+    for a, b in chunks:
+        with autocast:
+            logits = head(leaf[a:b]).float()[:, None]
+        flat_prefix[a:b] = token_logprobs(logits, ids[a:b], rollout_temperature)[:, 0]
+        flat_token[a:b] = token_logprobs(logits, ids[a:b], objective.temperature)[:, 0]
+    prefix[sel], token[sel] = flat_prefix, flat_token
+    weights = prefix_weights(prefix, sub.sample_logprobs, sub.completion_mask,
+                             token_logprobs=token if objective.is_sampled else None, clip=IS_CLIP)
+    weights = torch.where(weighted[:, None], weights, torch.ones_like(weights))
+    return weights[sel]

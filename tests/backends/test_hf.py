@@ -1,9 +1,12 @@
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd.backends.hf import (build_char_tokenizer, check_same_vocab, init_model, load_model, tokenizer_sha256,
-                             weights_sha256)
+from opd.backends.hf import (build_char_tokenizer, check_same_vocab, init_model, load_model, local_model_path,
+                             tokenizer_sha256, weights_sha256)
 from opd.errors import OpdError
 
 
@@ -49,6 +52,19 @@ def test_weights_hash_sees_any_change(tiny):
 def test_load_model_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(OpdError, match="model not found: .*nope"):
         load_model(str(tmp_path / "nope"))
+
+
+def test_local_or_hub_is_decided_without_the_network(tmp_path, monkeypatch):
+    """org/name goes to the hub unless org/ is a local folder; anything else path-like must exist."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "m").mkdir(parents=True)
+    assert local_model_path("Qwen/Qwen3-0.6B") is None and local_model_path("org-x/model.v2_1") is None
+    assert local_model_path("runs/m") == Path("runs/m")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert local_model_path("~/runs/m") == tmp_path / "runs" / "m"
+    for name in ("runs/nosuch", "./m", "a/b/c", "m", "org/na me", "org/a..b", "/abs/x"):
+        with pytest.raises(OpdError, match=f"model not found: {re.escape(name)} \\(no such folder"):
+            local_model_path(name)
 
 
 def test_bad_shapes_are_errors(tmp_path):

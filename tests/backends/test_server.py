@@ -58,9 +58,17 @@ def stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from opd.backends.hf import init_model
+    """A random model that greedily repeats a prompt's last token, except that after '2' (id 7) it ends:
+    EOS's (tied) embedding is 1.5x that of '2', so greedy generation both stops at EOS and runs out."""
+    from opd.backends.hf import init_model, load_model
 
-    return init_model("qwen3", 1, 32, 2, ["abc=0123456789+"], tmp_path_factory.mktemp("srv") / "m", seed=0)
+    out = init_model("qwen3", 1, 32, 2, ["abc=0123456789+"], tmp_path_factory.mktemp("srv") / "m", seed=0)
+    loaded = load_model(str(out))
+    with torch.no_grad():
+        emb = loaded.model.get_input_embeddings().weight
+        emb[loaded.tokenizer.eos_token_id] = 1.5 * emb[7]
+    loaded.model.save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +224,54 @@ def test_served_top_k_feeds_the_topk_objectives(server, model_dir):
     assert losses[0] > 0 and losses[0] == pytest.approx(losses[1], rel=1e-4)
     with pytest.raises(OpdError, match="needs the teacher's top-k"):
         make_objective(ObjectiveConfig(name="topk_reverse_kl"), teacher_has_logits=False, teacher_top_k=0)
+
+
+GEN = [[1, 4, 5, 6, 7, 8, 9, 10, 11, 12], [1, 7], [1, 6, 5, 4], [1, 9, 9, 9, 3]]
+
+
+def test_greedy_generation_matches_the_local_sampler(server, model_dir):
+    """The served teacher's greedy completions are the token ids a local greedy eval of it produces."""
+    from opd.backends.hf import load_model
+    from opd.rollout.sampler import generate
+
+    local = load_model(str(model_dir))
+    tok = local.tokenizer
+    batch = generate(local.model, GEN, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=6,
+                     greedy=True)
+    expected = [[t for t, m in zip(ids, mask) if m]
+                for ids, mask in zip(batch.completion_ids.tolist(), batch.completion_mask.tolist())]
+    got = RemoteTeacher(server, api_key=TOKEN).generate_greedy(GEN, max_new_tokens=6)
+    assert got == expected
+    assert got[1] == [tok.eos_token_id] and len(got[0]) == 6 and tok.eos_token_id not in got[0]  # both endings
+
+    resp = post(server, {"prompt": GEN[:2], "max_tokens": 6, "temperature": 0, "return_token_ids": True})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert [c["finish_reason"] for c in body["choices"]] == ["length", "stop"]
+    assert [c["prompt_token_ids"] for c in body["choices"]] == GEN[:2]
+    assert body["choices"][1]["text"] == "" and body["choices"][0]["text"] == tok.decode(got[0])
+    assert body["usage"]["completion_tokens"] == 7
+
+
+def test_only_greedy_generation_is_served(server):
+    sampled = post(server, {"prompt": GEN, "max_tokens": 4})  # OpenAI's default temperature is 1
+    assert sampled.status_code == 400 and "decodes greedily" in sampled.json()["error"]["message"]
+    with_lps = post(server, {"prompt": GEN, "max_tokens": 4, "temperature": 0, "logprobs": 2})
+    assert with_lps.status_code == 400 and "not served" in with_lps.json()["error"]["message"]
+    too_long = post(server, {"prompt": GEN, "max_tokens": 10_000, "temperature": 0})
+    assert too_long.status_code == 400 and "positions" in too_long.json()["error"]["message"]
+
+
+def test_health_reports_tokenizer_and_vocabulary(server, model_dir, tmp_path):
+    """A client can refuse a teacher whose token ids mean other text than the student's."""
+    from opd.backends.hf import init_model, load_model, tokenizer_sha256
+
+    tok = load_model(str(model_dir)).tokenizer
+    teacher = RemoteTeacher(server, api_key=TOKEN)
+    assert teacher.info() == {"model": str(model_dir), "tokenizer_sha256": tokenizer_sha256(tok), "vocab_size": 19}
+    teacher.check_tokenizer(tok, vocab_size=19)
+    other = load_model(str(init_model("qwen3", 1, 32, 2, ["xyz="], tmp_path / "other", seed=0))).tokenizer
+    with pytest.raises(OpdError, match="another tokenizer than the student"):
+        teacher.check_tokenizer(other)
+    with pytest.raises(OpdError, match="vocabulary of 19 tokens, the student 32"):
+        teacher.check_tokenizer(tok, vocab_size=32)

@@ -43,9 +43,14 @@ def test_own_jsonl_task_init_sft_distill_eval(tmp_path, capsys, monkeypatch):
         "train": {"steps": 20, "eval_every": 10}, "out": "runs/my-opd"}))
     capsys.readouterr()
     assert main(["distill", "run.yaml", "--set", "rollout.batch_size=16", "--set", "rollout.max_new_tokens=6",
-                 "--no-progress"]) == 0
+                 "--no-progress", "--json"]) == 0
     summary = json.loads(Path("runs/my-opd/summary.json").read_text())
     assert summary["steps"] == 20 and 0 <= summary["student_accuracy_after"] <= 1
+    out = capsys.readouterr().out
+    # the end-of-run summary for a person, then summary.json (with the checklist) as the last line for scripts
+    assert "student before" in out and "95% Wilson interval" in out and "report: runs/my-opd/report.html" in out
+    assert "trained student: runs/my-opd/student" in out and "review checklist:" in out
+    assert json.loads(out.strip().splitlines()[-1]) == summary
     capsys.readouterr()
     assert main(["eval", "--model", "runs/my-opd/student", "--data", str(held_out), "--json"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -127,7 +132,38 @@ def test_console_script_prints_no_traceback(setup):
     proc = subprocess.run([str(exe), "eval", "--model", str(setup / "nope"), "--data", str(setup / "eval.jsonl")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"opd: error: model not found: {setup / 'nope'}"]
+    assert proc.stderr.strip().splitlines() == [
+        f"opd: error: model not found: {setup / 'nope'} (no such folder; a hub name looks like org/name)"]
     debug = subprocess.run([str(exe), "--debug", "eval", "--model", str(setup / "nope"), "--data", str(setup / "eval.jsonl")],
                            capture_output=True, text=True, timeout=120)
     assert "Traceback" in debug.stderr
+
+
+def test_missing_local_model_fails_at_once_without_network(tmp_path, monkeypatch, capsys):
+    """A mistyped folder is never sent to the hub: one line, exit 2, well under a second, no connection."""
+    import socket
+    import time
+
+    import opd.eval.evaluate  # noqa: F401  (imports are not what is timed)
+    import transformers  # noqa: F401
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    write_task(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    attempts = []
+
+    def connect(sock, address):
+        attempts.append(address)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    for name in ("runs/nosuch", "./nosuch", "some/deep/path", "~/nosuch-opd-model", "nosuch"):
+        start = time.perf_counter()
+        code = main(["eval", "--model", name, "--data", "eval.jsonl"])
+        elapsed = time.perf_counter() - start
+        err = capsys.readouterr().err
+        assert code == 2 and err == f"opd: error: model not found: {name} (no such folder; a hub name looks like org/name)\n"
+        assert elapsed < 1.0, (name, elapsed)
+    assert attempts == []

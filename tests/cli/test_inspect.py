@@ -16,8 +16,8 @@ def parse(*argv):
     return parser.parse_args(["inspect", *argv])
 
 
-def show(*argv) -> str:
-    console = Console(record=True, width=240, color_system=None)
+def show(*argv, width: int = 240) -> str:
+    console = Console(record=True, width=width, color_system=None)
     args = parse(*argv)
     args.func(args, console)
     return console.export_text()
@@ -129,3 +129,13 @@ def test_bad_sql_and_bad_limit_are_opd_errors(run):
 def test_views_are_mutually_exclusive():
     with pytest.raises(SystemExit):
         parse("r", "--rejected", "--failures")
+
+
+def test_tables_read_at_80_columns(run):
+    """Nothing is cut off at the right, and short fields (rule names, numbers) stay whole on one line."""
+    for argv in ((), ("--rejected",), ("--failures",), ("--sql", "select step, reject_rule from rollouts")):
+        out = show(str(run), *argv, width=80)
+        assert max(map(len, out.splitlines())) <= 80, out
+    out = show(str(run), "--rejected", width=80)
+    assert "rejected rollouts: 2 most recent · task add" in out  # one task: named once, no column for it
+    assert "repetition" in out and "1010101" in out and "-0.800" in out

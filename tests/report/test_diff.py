@@ -21,8 +21,8 @@ def three_runs(tmp_path_factory):
             distill_run(root / "c", paths, dirs, "train.lr=0.001"))
 
 
-def shown(rows, a="a", b="b") -> str:
-    console = Console(record=True, width=250, color_system=None)
+def shown(rows, a="a", b="b", width: int = 250) -> str:
+    console = Console(record=True, width=width, color_system=None)
     print_diff(rows, a, b, console)
     return console.export_text()
 
@@ -67,6 +67,15 @@ def test_metric_deltas_are_b_minus_a(tmp_path):
     assert "+0.05" in line
     line = next(line for line in out.splitlines() if "summary.method" in line)
     assert "+" not in line  # no delta for text
+
+
+def test_the_table_reads_at_80_columns(tmp_path):
+    a = good_run(tmp_path / "a")
+    b = good_run(tmp_path / "b", manifest={**MANIFEST, "teacher": {**MANIFEST["teacher"], "weights_sha256": "c" * 64}})
+    out = shown(diff_runs(a, b), str(a), str(b), width=80)
+    assert max(map(len, out.splitlines())) <= 80
+    assert f"a: {a}" in out and "summary.student_accuracy_before" in out  # keys stay whole
+    assert "cccccccccccc…" in out and "c" * 13 not in out  # a sha256 is shown by its first 12 digits
 
 
 def test_flatten_keeps_scalar_lists_whole():

@@ -130,6 +130,15 @@ def test_accuracies_fall_back_to_eval_jsonl_and_are_unknown_without_it(tmp_path)
     assert statuses(run)["teacher_stronger"] == "unknown"
 
 
+def test_a_served_teacher_is_unknown_because_it_cannot_be_evaluated_locally(tmp_path):
+    served = {"student_accuracy_before": 0.3, "student_accuracy_after": 0.5, "teacher_accuracy": None, "eval_n": 100}
+    run = good_run(tmp_path / "run", summary=served, config={"teacher": {"url": "http://127.0.0.1:8000"}},
+                   evals=[{"step": 0, "accuracy": 0.3, "n": 100}, {"step": 2, "accuracy": 0.5, "n": 100}])
+    result = evaluate_checklist(run)["teacher_stronger"]
+    assert result["status"] == "unknown"
+    assert "served (http://127.0.0.1:8000) and could not be evaluated locally" in result["evidence"]
+
+
 def test_prompt_schema(tmp_path):
     differs = {**MANIFEST, "prompt_schema": {**MANIFEST["prompt_schema"], "allow_mismatch": True,
                                              "teachers": {"big": {"identical": False, "hash": "f00"}}}}
@@ -157,7 +166,8 @@ def test_filters_must_be_declared_and_counted(tmp_path):
     assert result["status"] == "fail" and "regex" in result["evidence"]
     none = {**MANIFEST, "filters": []}
     result = evaluate_checklist(good_run(tmp_path / "c", manifest=none, metrics=[{"step": 1, "kept": 4}]))
-    assert result["filters_explicit"]["status"] == "pass" and "every rollout trains" in result["filters_explicit"]["evidence"]
+    assert result["filters_explicit"]["status"] == "warn"  # nothing filtered is not "filters explicit"
+    assert "no filters configured" in result["filters_explicit"]["evidence"]
     assert statuses(good_run(tmp_path / "d", manifest=None))["filters_explicit"] == "unknown"
 
 
@@ -166,3 +176,43 @@ def test_failures_must_be_stored_for_the_last_evaluation(tmp_path):
     result = evaluate_checklist(good_run(tmp_path / "a", answers=old_only))["failures_logged"]
     assert result["status"] == "fail" and "step 2" in result["evidence"]
     assert statuses(good_run(tmp_path / "b", rollouts=None, answers=None))["failures_logged"] == "unknown"
+
+
+# -- what the page says about the run -----------------------------------------------------------------
+def png_height(b64: str) -> int:
+    return int.from_bytes(base64.b64decode(b64)[20:24], "big")  # IHDR: width, then height
+
+
+def figures(page: str) -> dict[str, str]:
+    """figure caption title -> its PNG (base64)."""
+    return dict((title, png) for png, title in
+                re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)"><figcaption><b>([^<]+)</b>', page))
+
+
+def test_plots_that_carry_no_information_are_left_out_and_said_so(tmp_path):
+    page = write_report(good_run(tmp_path / "a")).read_text()  # loss == reverse KL, every lag 0
+    shown = figures(page)
+    assert "Reverse KL to the teacher (= training loss)" in shown and "Training loss" not in shown
+    assert "Rollout staleness" not in shown
+    assert "training loss: identical to the reverse KL" in page and "policy lag: 0 at every step" in page
+    # rejects get their own axis under the kept count, so the figure is taller than a one-axis plot
+    assert png_height(shown["Rollouts rejected by rule"]) > png_height(shown["Completion length"])
+
+    distinct = [{"step": s, "loss": 2.0 / s, "reverse_kl": 1.0 / s, "kept": 4, "reject/min_tokens": 0,
+                 "completion_len": 3.0, "tokens_per_s": 100.0} for s in (1, 2)]
+    stale = good_run(tmp_path / "b", metrics=distinct, config={"rollout": {"max_staleness": 1}},
+                     rollouts=[rollout(1), rollout(2, lag=1)])
+    page = write_report(stale).read_text()
+    shown = figures(page)
+    assert {"Reverse KL to the teacher", "Training loss", "Rollout staleness"} <= set(shown)
+    assert "Rollouts rejected by rule" not in shown and "rejects by rule: no rollout was rejected" in page
+
+
+def test_title_headings_and_task_description_say_what_the_run_is(tmp_path):
+    config = {"teacher": {"model": "runs/teacher"}, "student": {"model": "runs/student"},
+              "task": {"builtin": "reverse_addition"}, "rollout": {"max_staleness": 0}}
+    answers = [answer(0), answer(2), {**answer(2, "12+9=", "12", "12", correct=False), "task_tag": "reverse_addition"}]
+    page = write_report(good_run(tmp_path / "run", config=config, answers=answers)).read_text()
+    assert "<h1>opd report: student runs/student, teacher runs/teacher, task reverse_addition</h1>" in page
+    assert "<h3>After 2 training steps (held-out accuracy 0.800): rollouts sampled in that step</h3>" in page
+    assert "reverse_addition: a+b= -&gt; digits of a+b, least significant first" in page
