@@ -75,10 +75,12 @@ def child_opd(spec: dict) -> dict:
     from opd.objectives.select import make_objective
     from opd.config import ObjectiveConfig, TrainConfig
     from opd.rollout.sampler import generate
-    from opd.rollout.teachers import auto_precision
+    from opd.batch import make_sft_batch
+    from opd.methods import make_method
+    from opd.methods.base import MethodOptions
+    from opd.teachers.local import auto_precision, score
     from opd.train.optim import make_optimizer
-    from opd.train.sft import make_sft_batch
-    from opd.train.step import score, update
+    from opd.train.step import update
 
     rss_imports = rss_mb()
     vocab = spec["vocab"]
@@ -89,6 +91,7 @@ def child_opd(spec: dict) -> dict:
                            torch.randint(0, vocab, (8, 16), generator=g).tolist(), pad_id=0)
     precision = auto_precision(teacher, probe)
     objective = make_objective(ObjectiveConfig(name="reverse_kl"))
+    method = make_method(MethodOptions())
     optimizer, scheduler = make_optimizer(student, lr=LR)
     train_cfg = TrainConfig(grad_clip=CLIP)  # opd defaults (whole-batch micro-batch, default logits_chunk)
     total = spec["warmup"] + spec["steps"]
@@ -100,10 +103,9 @@ def child_opd(spec: dict) -> dict:
         batch = generate(student, prompts, eos_id=vocab, pad_id=0, max_new_tokens=NEW_TOKENS,  # eos never sampled
                          temperature=1.0, generator=g)
         t1 = time.perf_counter()
-        teacher_scores, teacher_lp = score(teacher, batch)
+        teacher_scores = score(teacher, batch)
         t2 = time.perf_counter()
-        stats = update(student, optimizer, scheduler, objective, batch, teacher_scores, train_cfg,
-                       teacher_logprobs=teacher_lp)
+        stats = update(student, optimizer, scheduler, method, objective, batch, train_cfg, scores=teacher_scores)
         t3 = time.perf_counter()
         del teacher_scores
         times.append(t3 - t0)

@@ -96,6 +96,19 @@ def with_overrides(cfg, overrides: list[str]):
     return validate(from_dict(DistillConfig, data))
 
 
+REFERENCE = "opd"  # the method every other is compared with; it runs first and sets the budgets
+
+
+def budgeted(method: str) -> bool:
+    """A reward-only baseline (no teacher): it gets a FLOP budget of rl_budget x the reference's FLOPs to
+    target, so "never reached" means something, and may stop once it reaches the target."""
+    from opd.methods import METHODS
+
+    reference = REFERENCE
+
+    return METHODS[method].uses_reward and not METHODS[method].uses_teacher
+
+
 def compare(base, methods: list[str], seeds: int, out: str | Path, *, rl_budget: float = 10.0,
             evals_per_run: int = 20, method_overrides: dict | None = None, rl_stop_at_target: bool = True,
             eval_every_flops: float | None = None, pilot_steps: int = 5, progress: bool = True) -> dict:
@@ -106,6 +119,8 @@ def compare(base, methods: list[str], seeds: int, out: str | Path, *, rl_budget:
     """
     from opd.loop import distill  # the loop loads torch and models; the bracket arithmetic above does not
     from opd.methods import METHODS
+
+    reference = REFERENCE
 
     overrides = method_overrides or {}
     unknown = [m for m in [*methods, *overrides] if m not in METHODS]
@@ -133,21 +148,21 @@ def compare(base, methods: list[str], seeds: int, out: str | Path, *, rl_budget:
 
     teacher_acc = pilot = None
     if eval_every_flops is None:  # the pilot places the FLOP grid before any measured run
-        cfg = configure("opd", 0, "pilot")
+        cfg = configure(reference, 0, "pilot")
         steps, n = cfg.train.steps, min(pilot_steps, cfg.train.steps)
         teacher_acc = teacher_accuracy(distill(cfg, progress=progress, schedule=Schedule(steps=n, eval_every=n)))
         last = read_jsonl(Path(cfg.out) / "eval.jsonl")[-1]
         eval_every_flops = flop_grid(last["flops"], last["step"], steps, evals_per_run)
         pilot = {"steps": last["step"], "flops": last["flops"], "run": cfg.out}
     target = None if teacher_acc is None else 0.9 * teacher_acc
-    order = ["opd"] + [m for m in methods if m != "opd"]  # OPD first: it sets the RL budget
+    order = [reference] + [m for m in methods if m != reference]  # the reference first: it sets the budget
     results: dict = {m: {"final_accuracy": [], "final_interval": [], "flops_to_target": [], "flops_spent": [],
                          "curve": [], "runs": []} for m in order}
     rl_max_flops = None
     for method in order:
         for seed in range(seeds):
             cfg = configure(method, seed, f"{method}-seed{seed}")
-            if method == "rl":
+            if budgeted(method):
                 schedule = Schedule(steps=RL_STEPS, eval_every=step_grid, eval_every_flops=eval_every_flops,
                                     max_flops=rl_max_flops, stop_at_accuracy=target if rl_stop_at_target else 0.0)
             else:
@@ -165,19 +180,19 @@ def compare(base, methods: list[str], seeds: int, out: str | Path, *, rl_budget:
             entry["flops_spent"].append(curve[-1][0])
             entry["curve"].append(curve)
             entry["runs"].append(cfg.out)
-        if method == "opd":
-            reached = [b[1] for b in results["opd"]["flops_to_target"] if b is not None]
+        if method == reference:
+            reached = [b[1] for b in results[reference]["flops_to_target"] if b is not None]
             # 0 when OPD started at the target: a budget of 0 would mean "none", so fall back to its spend
-            rl_max_flops = rl_budget * (max(reached, default=0.0) or max(results["opd"]["flops_spent"]))
+            rl_max_flops = rl_budget * (max(reached, default=0.0) or max(results[reference]["flops_spent"]))
     for method, entry in results.items():
-        entry["ratio_to_opd"] = None if method == "opd" else \
-            ratio_range(entry["curve"], results["opd"]["curve"], target)
-    if "opd" not in methods:
-        results.pop("opd")
+        entry["ratio_to_opd"] = None if method == reference else \
+            ratio_range(entry["curve"], results[reference]["curve"], target)
+    if reference not in methods:
+        results.pop(reference)
     report = {"teacher_accuracy": teacher_acc, "target": target, "seeds": seeds,
               "grid": {"eval_every": step_grid, "eval_every_flops": eval_every_flops, "pilot": pilot},
-              "rl_stopped_at_target": rl_stop_at_target and "rl" in methods, "method_overrides": overrides,
-              "rl_budget_flops": rl_max_flops if "rl" in methods else None, "methods": results}
+              "rl_stopped_at_target": rl_stop_at_target and any(map(budgeted, methods)), "method_overrides": overrides,
+              "rl_budget_flops": rl_max_flops if any(map(budgeted, methods)) else None, "methods": results}
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(report, indent=1))
     plot(report, out / "compare.png")

@@ -39,11 +39,11 @@ class TeacherConfig(ModelConfig):
     # served: top-k log-probs requested per position; objective auto then uses the top-k reverse KL with a
     # tail bucket. A server that answers only the sampled tokens' log-probs (plain OpenAI) falls back to
     # the sampled-token estimator. 0 = ask for the sampled tokens only.
-    top_k: int = 20
+    top_k: int = 20  # served: top-k log-probs requested per position (0 = sampled tokens only)
     request_timeout: float = 120.0  # served: seconds one scoring request may take before it counts as failed
     # served: consecutive failed requests (unreachable, 5xx, timeout) before the run ends with one line;
     # the retries back off exponentially up to 30 s, so the default waits about 15 minutes for a restart
-    max_failures: int = 30
+    max_failures: int = 30  # served: consecutive failed requests before the run ends
 
     def validate(self, where: str) -> None:
         if bool(self.model) == bool(self.url):
@@ -119,7 +119,7 @@ class TrainConfig:
     seed: int = 0  # seeds prompt order, sampling and dropout: each step's randomness is f(seed, step)
     # held-out accuracy below the start by more than its 95% interval at two evaluations in a row is
     # reported loudly in any case; true = also stop the run there (the last checkpoint is the student)
-    stop_on_regression: bool = False
+    stop_on_regression: bool = False  # stop when the regression warning fires (it is printed in any case)
 
 
 @dataclass
@@ -224,6 +224,12 @@ def from_dict(cls, data: dict, prefix: str = ""):
     for key, value in data.items():
         path = f"{prefix}{key}"
         if key not in names:
+            if issubclass(cls, MethodOptions):  # a method's own options: say which method has it
+                from opd.methods import METHODS
+
+                owners = [n for n, m in METHODS.items() if key in {f.name for f in dataclasses.fields(m.Options)}]
+                raise OpdError(f"method {data.get('name', 'opd')} has no option '{key}' ({path}"
+                               + (f" applies to method {' / '.join(owners)} only)" if owners else ")"))
             raise OpdError(f"unknown config key '{path}' (valid: {', '.join(sorted(names))})")
         hint = hints[key]
         if dataclasses.is_dataclass(hint) and isinstance(value, str) and "name" in {f.name for f in dataclasses.fields(hint)}:

@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import opd.loop as loop
-import opd.rollout.producer as producer_module
-import opd.rollout.teachers as teachers_module
+import opd.rollout.backend as backend_module
+import opd.run as run_module
+import opd.teachers.local as local_teacher_module
 from opd.backends.hf import init_model, load_model, weights_sha256
 from opd.config import load_config
 from opd.train.sft import run_sft
@@ -82,7 +83,7 @@ def crash_at_update(monkeypatch, n: int, cfg) -> None:
 def test_distill_moves_a_weak_student_to_the_teacher(task_and_models, monkeypatch):
     root, paths, dirs = task_and_models
     loaded, generated_by = {}, []
-    real_load, real_generate = loop.load_model, producer_module.generate
+    real_load, real_generate = run_module.load_model, backend_module.generate
 
     def spy_load(name, **kw):
         m = real_load(name, **kw)
@@ -90,12 +91,14 @@ def test_distill_moves_a_weak_student_to_the_teacher(task_and_models, monkeypatc
         return m
 
     def spy_generate(model, *a, **kw):
-        generated_by.append(model)
+        if not kw.get("greedy"):  # a rollout (greedy decoding is evaluation)
+            generated_by.append(model)
         return real_generate(model, *a, **kw)
 
-    monkeypatch.setattr(loop, "load_model", spy_load)
-    monkeypatch.setattr(teachers_module, "load_model", spy_load)
-    monkeypatch.setattr(producer_module, "generate", spy_generate)
+    monkeypatch.setattr(run_module, "load_model", spy_load)
+    monkeypatch.setattr(local_teacher_module, "load_model", spy_load)
+    monkeypatch.setattr(backend_module, "generate", spy_generate)  # the student's rollouts
+    monkeypatch.setattr(local_teacher_module, "generate", spy_generate)  # a teacher's (must not happen)
     cfg = config(root, paths, dirs, f"out={root / 'run-main'}")
     summary = loop.distill(cfg, progress=False)
 
@@ -165,7 +168,8 @@ def test_non_finite_loss_skips_the_update_then_aborts(task_and_models, monkeypat
     from opd.errors import OpdError
 
     root, paths, dirs = task_and_models
-    real_loss = loop.make_objective(load_config(None, ["teacher.model=t", "student.model=s", "task.builtin=x"]).objective)
+    real_loss = run_module.make_objective(load_config(None, ["teacher.model=t", "student.model=s",
+                                                             "task.builtin=x"]).objective)
     poisoned_steps = {3, 5, 6, 7}
     state = {"step": 0}
     real_update = loop.update
@@ -175,14 +179,14 @@ def test_non_finite_loss_skips_the_update_then_aborts(task_and_models, monkeypat
         return real_update(*a, **kw)
 
     class NaNOnSomeSteps:
-        name, params = real_loss.name, real_loss.params
+        name, params, is_sampled, temperature = real_loss.name, real_loss.params, False, 1.0
 
         def loss(self, *a, **kw):
             value = real_loss.loss(*a, **kw)
             return value * float("nan") if state["step"] in poisoned_steps else value
 
     monkeypatch.setattr(loop, "update", counting_update)
-    monkeypatch.setattr(loop, "make_objective", lambda *a, **kw: NaNOnSomeSteps())
+    monkeypatch.setattr(run_module, "make_objective", lambda *a, **kw: NaNOnSomeSteps())
     out = root / "run-nan"
     with pytest.raises(OpdError, match="aborting at step 7: 3 consecutive non-finite"):
         loop.distill(config(root, paths, dirs, f"out={out}", "train.steps=20"), progress=False)
@@ -256,3 +260,20 @@ def test_rl_with_anchors_gives_anchor_rows_no_reward_term(task_and_models):
                         "train.steps=3"), progress=False)
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["anchors"] for m in metrics] == [2, 2, 2]  # 5 prompts x 3 samples + 2 anchor traces
+
+
+@pytest.mark.slow
+def test_a_student_made_worse_is_reported_and_can_stop_the_run(task_and_models, capsys):
+    """Held-out accuracy below the start by more than its interval at two evaluations in a row: a loud
+    warning, and with train.stop_on_regression the run ends there."""
+    root, paths, dirs = task_and_models
+    out = root / "run-regress"
+    summary = loop.distill(config(root, paths, dirs, f"out={out}", "train.steps=60", "train.eval_every=4",
+                                  "train.lr=0.3", "train.warmup_steps=0", "train.stop_on_regression=true",
+                                  "method=rl", "rollout.samples_per_prompt=4", "rollout.batch_size=8"),
+                           progress=False)
+    err = capsys.readouterr().err
+    assert "WARNING: held-out accuracy fell" in err and "stopping (train.stop_on_regression)" in err
+    assert summary["regressed_at"] and summary["steps"] == summary["regressed_at"][0] < 60
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["below_start"] for e in evals[-2:]] == [True, True]

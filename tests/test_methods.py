@@ -5,15 +5,17 @@ import json
 import pytest
 
 import opd.loop as loop
-import opd.rollout.producer as producer_module
-import opd.rollout.teachers as teachers_module
+import opd.rollout.backend as backend_module
+import opd.teachers.local as local_teacher_module
+import opd.teachers.pool as pool_module
 from opd.compare import compare, flops_to
 from tests.test_loop import config, task_and_models  # noqa: F401  (module fixture: teacher + weak student)
 
 
 def spy(monkeypatch):
     calls = {"generate": [], "score": 0}
-    real_generate, real_score = producer_module.generate, teachers_module.TeacherPool.score
+    real_generate, real_teacher_generate = backend_module.generate, local_teacher_module.generate
+    real_score = pool_module.TeacherPool.score
 
     def generate(model, *a, **kw):
         calls["generate"].append(model)
@@ -23,8 +25,13 @@ def spy(monkeypatch):
         calls["score"] += 1
         return real_score(*a, **kw)
 
-    monkeypatch.setattr(producer_module, "generate", generate)
-    monkeypatch.setattr(teachers_module.TeacherPool, "score", score)  # a training step's scoring
+    def teacher_generate(model, *a, **kw):
+        calls["generate"].append(model)
+        return real_teacher_generate(model, *a, **kw)
+
+    monkeypatch.setattr(backend_module, "generate", generate)
+    monkeypatch.setattr(local_teacher_module, "generate", teacher_generate)
+    monkeypatch.setattr(pool_module.TeacherPool, "score", score)  # a training step's scoring
     return calls
 
 
@@ -85,7 +92,7 @@ def test_compare_writes_curves_budget_and_plot(task_and_models, tmp_path):
         for curve in entry["curve"]:
             assert curve[0][0] == 0.0 and all(b[0] >= a[0] for a, b in zip(curve, curve[1:]))
     opd_spent = max(c[-1][0] for c in saved["methods"]["opd"]["curve"])
-    reached = [f for f in saved["methods"]["opd"]["flops_to_target"] if f]
+    reached = [b[1] for b in saved["methods"]["opd"]["flops_to_target"] if b]  # [last below, first at/above]
     assert saved["rl_budget_flops"] == pytest.approx(2.0 * (max(reached) if reached else opd_spent))
     for curve in saved["methods"]["rl"]["curve"]:  # RL stops at its budget (or at the target)
         assert curve[-2][0] < saved["rl_budget_flops"]

@@ -101,6 +101,7 @@ def score_row(logp, seq: list[int], k: int, tokenizer) -> dict:
     target = torch.tensor(seq[1:], dtype=torch.long)
     lps = rows.gather(1, target[:, None]).squeeze(1) if len(seq) > 1 else torch.zeros(0)
     ranks = (rows > lps[:, None]).sum(dim=1) + 1
+    k = min(k, rows.shape[1])  # a vocabulary smaller than k: every token is an alternative
     top_lp, top_id = rows.topk(k, dim=1) if k else (torch.zeros(len(seq) - 1, 0), torch.zeros(len(seq) - 1, 0))
     texts = [tokenizer.decode([t]) for t in seq]
     strs = tokenizer.convert_ids_to_tokens(seq)
@@ -244,7 +245,8 @@ def add_parser(subparsers) -> None:
                               help="serve a teacher model over HTTP for scoring and greedy eval (OpenAI-compatible)")
     p.add_argument("--model", required=True, help="model folder or hub name")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; other than loopback needs --token")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on every request")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="precision the teacher scores in")
     p.set_defaults(func=run_serve)

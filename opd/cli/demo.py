@@ -1,6 +1,6 @@
 """`opd demo`: the embedded default, end to end, with nothing downloaded.
 
-Recipe (MEASURED.md, re-measured for opd): the "reverse addition" task (1-3 digit operands, sum
+Recipe (its measured result is in the README's quick start): the "reverse addition" task (1-3 digit operands, sum
 written least-significant digit first), a Qwen3-architecture teacher (3 layers, hidden 128)
 trained by SFT to ~0.99, a 2-layer hidden-64 student given a short SFT so it knows the format but
 is weak, then on-policy distillation with the exact reverse KL.

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from opd.errors import OpdError
+from opd.store.rundir import load_tokenizer
 
 TOP_DISAGREEMENTS = 3
 HIGHLIGHT = "bold red"
@@ -119,18 +120,6 @@ def top_disagreements(gaps: list[float], k: int = TOP_DISAGREEMENTS) -> set[int]
     return set(sorted(range(len(gaps)), key=lambda i: -abs(gaps[i]))[:k])
 
 
-def load_tokenizer(run: Path):
-    """The run's tokenizer (final student, else latest checkpoint), or None when there is none."""
-    candidates = [run / "student", *sorted((run / "checkpoints").glob("step-*"), reverse=True)]
-    for path in candidates:
-        if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
-            try:
-                from transformers import AutoTokenizer
-
-                return AutoTokenizer.from_pretrained(str(path))
-            except Exception:  # an unreadable tokenizer only costs the token view
-                return None
-    return None
 
 
 def failures_table(store, args):

@@ -21,22 +21,30 @@ class EvalResult:
 
 
 def evaluate(model, tokenizer, examples, schema, verifier, *, max_new_tokens: int,
-             batch_size: int = 256, progress: bool = False, desc: str = "eval") -> EvalResult:
-    """Greedy-decode every example and verify it; a truncated or special-token answer is wrong."""
+             batch_size: int = 256, progress: bool = False, desc: str = "eval", decode=None) -> EvalResult:
+    """Greedy-decode every example and verify it; a truncated or special-token answer is wrong.
+
+    `decode(prompt_ids, examples) -> Batch` replaces the local model (e.g. a teacher that renders its
+    own prompt, or a served one); `model` may then be None."""
     from tqdm.auto import tqdm
 
-    was_training = model.training
-    model.eval()
+    if decode is None:
+        def decode(prompts, _examples):
+            return generate(model, prompts, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                            max_new_tokens=max_new_tokens, greedy=True)
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
     records = []
     starts = range(0, len(examples), batch_size)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
         chunk = examples[start:start + batch_size]
-        batch = generate(model, encode_prompts(chunk, schema, tokenizer), eos_id=tokenizer.eos_token_id,
-                         pad_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens, greedy=True)
+        batch = decode(encode_prompts(chunk, schema, tokenizer), chunk)
         for ex, (text, well_formed) in zip(chunk, decode_completions(tokenizer, batch)):
             correct = bool(well_formed and verifier(text, ex.answer))
             records.append({"prompt": ex.prompt, "completion": text, "expected": ex.answer,
                             "correct": correct, "well_formed": well_formed, "tag": ex.tag})
-    model.train(was_training)
+    if model is not None:
+        model.train(was_training)
     n = len(records)
     return EvalResult(accuracy=sum(r["correct"] for r in records) / max(n, 1), n=n, records=records)

@@ -64,7 +64,8 @@ class Objective:
             return sampled_token_loss(student_lp, teacher_lp, chunk.mask, clip=self.params["clip"],
                                       weights=weights, normalizer=chunk.normalizer)
         if self.name in TOPK_OBJECTIVES:  # served top-k: at temperature 1, and T = 1 is enforced for it
-            topk = chunk.teacher_topk or D.teacher_topk(chunk.teacher_logits, self.params["top_k"], temperature=T)
+            k = min(self.params["top_k"], s_logits.shape[-1])  # a vocabulary smaller than k: all of it
+            topk = chunk.teacher_topk or D.teacher_topk(chunk.teacher_logits, k, temperature=T)
             per_token = getattr(D, f"per_token_{self.name}")(s_logits, *topk, temperature=T)
         else:
             extra = {k: v for k, v in self.params.items() if k in ("beta", "alpha")}

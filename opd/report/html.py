@@ -191,7 +191,7 @@ def samples_section(run: RunFiles) -> str:
     steps = [e["step"] for e in run.evals if e["step"] > 0]
     if store is None or not store.parts("rollouts") or not steps:
         return head + "<p>no stored rollouts (RUN/samples/rollouts) at an evaluation step</p>"
-    from opd.cli.inspect import load_tokenizer
+    from opd.store.rundir import load_tokenizer
 
     tokenizer = load_tokenizer(run.root)
     legend = ("<p class=\"legend muted\">tokens coloured by teacher − student log-prob: "

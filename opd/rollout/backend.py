@@ -74,23 +74,3 @@ class HFBackend:
             self.model.load_state_dict(dict(state_dict), strict=True)
         self._version = version
 
-
-def make_backend(cfg, student, scale_workers=None) -> RolloutBackend:
-    """The backend `rollout.backend` names; an unavailable one is a one-line error."""
-    from opd.errors import OpdError
-
-    name = cfg.rollout.backend
-    if name == "auto":
-        name = "ray" if cfg.scale.rollout_workers else "hf"
-    tok = student.tokenizer
-    if name == "hf":
-        return HFBackend(student.model, tok.eos_token_id, tok.pad_token_id)
-    if name == "ray":
-        if scale_workers is None:
-            raise OpdError("rollout.backend ray needs scale.ray_address and scale.rollout_workers > 0")
-        return scale_workers.rollout_backend()
-    try:
-        from opd.backends.vllm import VLLMBackend
-    except ImportError as exc:
-        raise OpdError(f"rollout.backend vllm is unavailable ({exc}): pip install 'opd[vllm]' on a GPU machine") from None
-    return VLLMBackend(student.name, tok.eos_token_id, tok.pad_token_id)

@@ -1,7 +1,7 @@
 """A lean one-token decode step for Llama-family models (Llama, Mistral, Qwen2, Qwen3).
 
 Why: a batched decode of a small model is bound by per-token overhead, not arithmetic
-(MEASURED.md: 40-50% of a lean OPD step, ~10x above its FLOP floor). The Hugging Face forward
+(bench/NOTES.md: sampling was the largest phase of a step, far above its FLOP floor). The Hugging Face forward
 spends most of a decode step on bookkeeping (mask building, DynamicCache growth by `cat`,
 module dispatch). This step runs the same mathematics in ~20 tensor ops per layer:
 

@@ -43,31 +43,17 @@ def model_entry(loaded, revision) -> dict:
             "tokenizer_sha256": tokenizer_sha256(loaded.tokenizer)}
 
 
-def teacher_entry(teacher, revision) -> dict:
-    if teacher.remote is not None:  # weights are not visible from here: record where it was served
-        return {"name": teacher.remote.url, "url": teacher.remote.url, "top_k": teacher.remote.top_k,
-                "weights_sha256": None, "health": _health(teacher.remote)}
-    return {**model_entry(teacher.loaded, revision),
-            "model": teacher.loaded.name, "precision": teacher.precision}
-
-
-def _health(remote):
-    try:
-        return remote.health()
-    except Exception as exc:  # noqa: BLE001 - the manifest records, it does not fail the run
-        return {"error": str(exc)}
-
-
-def build_manifest(cfg, teachers, student, task, objective, filters, schema_check, argv=None) -> dict:
+def build_manifest(cfg, teachers, student, task, method, objective, filters, schema_check, argv=None,
+                   backend: str = "hf") -> dict:
+    """teachers: a TeacherPool (each teacher describes itself); method: the Method object."""
     import torch
     import transformers
 
     from opd.train.step import student_precision
 
     return {
-        "teacher": teacher_entry(teachers.teachers[0], cfg.teacher.revision),
-        "teachers": [{**teacher_entry(t, None), "name": t.name, "tasks": list(t.tasks)}
-                     for t in teachers.teachers],
+        "teacher": teachers.teachers[0].describe(),
+        "teachers": teachers.describe(),
         "student": {**model_entry(student, cfg.student.revision),
                     "train_precision": student_precision(cfg.train.precision)},
         "tokenizer": {"sha256": tokenizer_sha256(student.tokenizer), "vocab_size": len(student.tokenizer),
@@ -77,15 +63,15 @@ def build_manifest(cfg, teachers, student, task, objective, filters, schema_chec
                  "eval_sha256": file_sha256(cfg.task.eval) if cfg.task.eval else None},
         "prompt_schema": {**task.schema.describe(), "hash": task.schema.schema_hash(), "teachers": schema_check,
                           "allow_mismatch": cfg.task.allow_schema_mismatch},
-        "rollout": {"policy": "teacher" if cfg.method.name == "sft" else "student (on-policy)" if cfg.method.name != "mixed" else f"student with p={cfg.method.lmbda}, else teacher", "batch_size": cfg.rollout.batch_size,
+        "rollout": {"policy": method.samples, "backend": backend, "batch_size": cfg.rollout.batch_size,
                     "samples_per_prompt": cfg.rollout.samples_per_prompt,
                     "max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.temperature,
                     "max_staleness": cfg.rollout.max_staleness,
                     "anchors": {"path": cfg.anchors.path, "fraction": cfg.anchors.fraction,
                                 "sha256": file_sha256(cfg.anchors.path) if cfg.anchors.path else None},
                     "top_k": 0, "top_p": 1.0, "scored_until": "first EOS (inclusive)"},
-        "method": {"name": cfg.method.name, "lmbda": cfg.method.lmbda, "reward_weight": cfg.method.reward_weight,
-                   "traces": cfg.method.traces, "traces_sha256": file_sha256(cfg.method.traces) if cfg.method.traces else None},
+        "method": {**method.describe(), **({"traces_sha256": file_sha256(method.options.traces)}
+                                            if getattr(method.options, "traces", None) else {})},
         "filters": filters.describe(),  # ordered rules; each rejected rollout is stored with its rule
         "objective": {"name": objective.name, "requested": cfg.objective.name, **objective.params},
         "seeds": {"train": cfg.train.seed, "task": cfg.task.seed},

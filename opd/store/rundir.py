@@ -99,3 +99,17 @@ class RunDir:
     @staticmethod
     def load_trainer_state(ckpt: Path) -> dict:
         return torch.load(ckpt / "trainer_state.pt", weights_only=True)
+
+
+def load_tokenizer(run: Path):
+    """The run's tokenizer (final student, else latest checkpoint), or None when there is none."""
+    candidates = [run / "student", *sorted((run / "checkpoints").glob("step-*"), reverse=True)]
+    for path in candidates:
+        if (path / "tokenizer_config.json").exists() or (path / "tokenizer.json").exists():
+            try:
+                from transformers import AutoTokenizer
+
+                return AutoTokenizer.from_pretrained(str(path))
+            except Exception:  # an unreadable tokenizer only costs the token view
+                return None
+    return None

@@ -37,7 +37,8 @@ def load_teachers(cfg, student_tok, student_schema) -> list:
                                    top_k=spec.top_k, request_timeout=spec.request_timeout,
                                    max_failures=spec.max_failures)
             teachers.append(ServedTeacher(name, remote, tasks=spec.tasks, pad_id=student_tok.pad_token_id,
-                                          eos_id=student_tok.eos_token_id, tokenizer_hash=tokenizer_sha256(student_tok)))
+                                          eos_id=student_tok.eos_token_id, tokenizer_hash=tokenizer_sha256(student_tok),
+                                          vocab_size=len(student_tok)))
             continue
         schema_spec = spec.prompt_schema or cfg.task.teacher_prompt_schema
         teacher = LocalTeacher(name, spec.model, tasks=spec.tasks, dtype=spec.dtype, revision=spec.revision,

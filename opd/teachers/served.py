@@ -16,9 +16,12 @@ from opd.scores import TeacherScores
 
 
 class ServedTeacher:
-    def __init__(self, name: str, remote, *, tasks=("*",), pad_id: int, eos_id: int, tokenizer_hash: str | None = None):
+    def __init__(self, name: str, remote, *, tasks=("*",), pad_id: int, eos_id: int, tokenizer_hash: str | None = None,
+                 vocab_size: int | None = None):
         self.name, self.tasks, self.remote = name, tuple(tasks), remote
         self.pad_id, self.eos_id, self.tokenizer_hash = pad_id, eos_id, tokenizer_hash
+        if vocab_size and remote.top_k > vocab_size:  # cannot return more alternatives than there are tokens
+            remote.top_k = vocab_size
         self.top_k = remote.top_k  # what is asked for; prepare() finds out what the server answers
         self.info: dict = {}
 

@@ -1,5 +1,6 @@
-"""A distill run whose teacher is `opd serve-teacher` over HTTP: log-probs only, so the default
-objective becomes the clipped sampled-token reverse KL; a teacher killed mid-run is waited for."""
+"""distill runs whose teacher is `opd serve-teacher` over HTTP: its top-k by default (objective auto =
+the top-k reverse KL with a tail bucket), or the sampled tokens' log-probs only (teacher.top_k: 0, the
+clipped sampled-token estimator); a teacher killed mid-run is waited for; the student improves."""
 
 import json
 import os
@@ -17,12 +18,14 @@ from tests.test_loop import task_and_models  # noqa: F401  (module fixture: teac
 OPD = str(Path(sys.executable).parent / "opd")
 
 
-def write_config(root, paths, dirs, url, out, steps):
-    cfg = (f"teacher: {{url: '{url}', api_key_env: OPD_TEST_TEACHER_TOKEN}}\n"
+def write_config(root, paths, dirs, url, out, steps, top_k=None, lr="1.0e-3", batch=16):
+    top = f", top_k: {top_k}" if top_k is not None else ""
+    cfg = (f"teacher: {{url: '{url}', api_key_env: OPD_TEST_TEACHER_TOKEN{top}}}\n"
            f"student: {{model: '{dirs['student']}'}}\n"
            f"task: {{train: '{paths['train']}', eval: '{paths['eval']}'}}\n"
-           f"rollout: {{batch_size: 16, max_new_tokens: 8}}\n"
-           f"train: {{steps: {steps}, lr: 1.0e-3, eval_every: 100, checkpoint_every: 0}}\n"
+           f"rollout: {{batch_size: {batch}, max_new_tokens: 8}}\n"
+           f"train: {{steps: {steps}, lr: {lr}, eval_every: 100, checkpoint_every: 0, warmup_steps: 5}}\n"
+           f"logging: {{report: false}}\n"
            f"out: '{out}'\n")
     path = root / f"{out.name}.yaml"
     path.write_text(cfg)
@@ -37,7 +40,8 @@ def test_distill_with_a_served_teacher_survives_a_teacher_restart(task_and_model
     server = start_server(dirs["teacher"], port, "tok")
     out = root / "remote-run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPD_TEST_TEACHER_TOKEN": "tok"}
-    run = subprocess.Popen([OPD, "distill", str(write_config(root, paths, dirs, url, out, 40)), "--no-progress"],
+    run = subprocess.Popen([OPD, "distill", str(write_config(root, paths, dirs, url, out, 40, top_k=0)),
+                            "--no-progress"],
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 240
@@ -59,7 +63,36 @@ def test_distill_with_a_served_teacher_survives_a_teacher_restart(task_and_model
     kl = [r["reverse_kl"] for r in records]  # k3 estimate from the served log-probs
     assert sum(kl[-10:]) < sum(kl[:10])  # the student moves toward the served teacher
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["objective"]["name"] == "sampled_reverse_kl" and manifest["objective"]["clip"] == 5.0
+    # top_k 0: sampled tokens only, so the clipped sampled estimator with its measured settings: clip 1 and
+    # lr 1e-4 in place of the defaults (5 and 1e-3), said on stderr and saved in the resolved config
+    assert manifest["objective"]["name"] == "sampled_reverse_kl" and manifest["objective"]["clip"] == 1.0
+    assert "at train.lr 0.0001" in stderr and "lr: 0.0001" in (out / "config.yaml").read_text()
     assert manifest["teacher"]["url"] == url
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["teacher_accuracy"] is None  # a scoring-only server cannot be evaluated greedily
+    assert summary["teacher_accuracy"] > 0.8  # evaluated through the server's greedy endpoint
+
+
+@pytest.mark.slow
+def test_a_served_teacher_improves_the_student_by_default(task_and_models):  # noqa: F811
+    """The README's served-teacher path with the defaults: objective auto becomes the served top-k reverse KL,
+    and held-out accuracy ends above the start by more than the start's 95% interval."""
+    from opd.stats import wilson
+
+    root, paths, dirs = task_and_models
+    port = free_port()
+    server = start_server(dirs["teacher"], port, "tok")
+    out = root / "remote-improves"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPD_TEST_TEACHER_TOKEN": "tok"}
+    try:
+        done = subprocess.run([OPD, "distill", str(write_config(root, paths, dirs, f"http://127.0.0.1:{port}", out,
+                                                                 150, lr="3.0e-3", batch=32)), "--no-progress"],
+                              env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        stop(server)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["objective"]["name"] == "topk_reverse_kl" and manifest["objective"]["top_k"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    before, after = summary["student_accuracy_before"], summary["student_accuracy_after"]
+    assert after > wilson(before, summary["eval_n"])[1], summary
+    assert summary["teacher_accuracy"] > after - 0.05  # the served teacher was evaluated too

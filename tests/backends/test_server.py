@@ -188,10 +188,12 @@ def test_served_top_k_feeds_the_topk_objectives(server, model_dir):
     from opd.backends.hf import load_model
     from opd.config import ObjectiveConfig, TrainConfig
     from opd.objectives.select import make_objective
-    from opd.rollout.teachers import Teacher, TeacherPool
+    from opd.batch import make_sft_batch
+    from opd.methods import make_method
+    from opd.methods.base import MethodOptions
     from opd.tasks.schema import PromptSchema
+    from opd.teachers import LocalTeacher, ServedTeacher, TeacherPool
     from opd.train.optim import make_optimizer
-    from opd.train.sft import make_sft_batch
     from opd.train.step import update
 
     k = 5
@@ -202,17 +204,17 @@ def test_served_top_k_feeds_the_topk_objectives(server, model_dir):
     tok, schema = student.tokenizer, PromptSchema.from_spec("{prompt}")
     batch = make_sft_batch([[1, 4, 5], [1, 6]], [[6, 7, 8, 2], [5, 2]], tok.pad_token_id)
     examples = [SimpleNamespace(tag="default")] * 2
-    served = TeacherPool([Teacher("t", None, ("*",), None, remote=RemoteTeacher(server, api_key=TOKEN, top_k=k))],
-                         schema, tok)
-    local = TeacherPool([Teacher("t", load_model(str(model_dir)), ("*",), None, dtype="float32")], schema, tok)
+    served = TeacherPool([ServedTeacher("t", RemoteTeacher(server, api_key=TOKEN, top_k=k), pad_id=tok.pad_token_id,
+                                        eos_id=tok.eos_token_id)], schema, tok)
+    local = TeacherPool([LocalTeacher("t", str(model_dir), dtype="float32", student_schema=schema)], schema, tok)
     assert served.top_k == k and not served.has_logits
     losses = []
     for pool, objective in ((served, make_objective(ObjectiveConfig(name="topk_reverse_kl"), False, served.top_k)),
                             (local, make_objective(ObjectiveConfig(name="topk_reverse_kl", top_k=k)))):
-        scores, logprobs, _ = pool.score(batch, examples)
+        scores, _ = pool.score(batch, examples)
         optimizer, scheduler = make_optimizer(student.model, lr=0.0)
-        losses.append(update(student.model, optimizer, scheduler, objective, batch, scores, TrainConfig(),
-                             teacher_logprobs=logprobs)["loss"])
+        losses.append(update(student.model, optimizer, scheduler, make_method(MethodOptions()), objective, batch,
+                             TrainConfig(), scores=scores)["loss"])
         if pool is served:
             served_ids = scores.topk_ids
         else:

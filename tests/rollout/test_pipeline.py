@@ -49,7 +49,14 @@ def test_staleness_tags_policy_versions_and_logs_the_lag(task_and_models):
 
 @pytest.mark.parametrize("name", ["reverse_kl", "jsd", "sampled_reverse_kl"])
 def test_importance_weight_for_stale_rollouts(name):
-    """Weight = min(p_S/p_sample, 2): 1 when fresh, capped at 2 when the sampler was far less likely."""
+    """Stale rows carry truncated importance weights. Changed with the B1 fix (docs/objectives.md): the
+    weight of position t is the *prefix* ratio prod_{j<t} p_S/p_sample (times the token's own ratio for
+    the sampled estimator), no longer the token's ratio alone, which corrected nothing for exact KLs.
+    Kept from before: weight 1 when sampled by the current policy, truncation at 2, a weight of 1/2
+    halves the gradient."""
+    from opd.methods.base import Chunk
+    from opd.objectives.offpolicy import prefix_weights
+
     torch.manual_seed(0)
     s, t = torch.randn(2, 3, 7, requires_grad=True), torch.randn(2, 3, 7)
     ids = torch.randint(0, 7, (2, 3))
@@ -60,14 +67,24 @@ def test_importance_weight_for_stale_rollouts(name):
     t_lp = torch.log_softmax(t, -1).gather(-1, ids[..., None]).squeeze(-1)
 
     def grad(sampling):
-        loss = objective.loss(s, t, t_lp, ids, mask, sampling_logprobs=sampling)
-        return torch.autograd.grad(loss, s)[0]
+        weights = None if sampling is None else prefix_weights(
+            current, sampling, mask, token_logprobs=current if objective.is_sampled else None)
+        chunk = Chunk(student_logits=s, ids=ids, normalizer=6, teacher_logits=t, teacher_logprobs=t_lp,
+                      weights=weights)
+        return torch.autograd.grad(objective.loss(chunk), s)[0], weights
 
-    fresh = grad(None)
-    torch.testing.assert_close(grad(current), fresh)  # sampled by the current policy: weight 1
-    torch.testing.assert_close(grad(current - 5.0), 2 * fresh)  # p_S/p_sample = e^5, truncated to 2
-    half = grad(current + torch.log(torch.tensor(2.0)))  # sampler twice as likely: weight 1/2
-    torch.testing.assert_close(half, fresh / 2)
+    fresh, _ = grad(None)
+    same, w = grad(current)
+    torch.testing.assert_close(same, fresh)  # sampled by the current policy: weight 1
+    assert torch.equal(w, torch.ones_like(w))
+    far, w = grad(current - 5.0)  # p_S/p_sample = e^5 per token: every weight truncated to 2 ...
+    first = 1.0 if not objective.is_sampled else 2.0  # ... except an exact KL's first position (empty prefix)
+    assert w[:, 0].tolist() == [first, first] and torch.equal(w[:, 1:], torch.full((2, 2), 2.0))
+    torch.testing.assert_close(far, fresh * w[..., None])
+    half, w = grad(current + torch.log(torch.tensor(2.0)))  # sampler twice as likely at every token
+    expected = torch.tensor([1.0, 0.5, 0.25]) if not objective.is_sampled else torch.tensor([0.5, 0.25, 0.125])
+    torch.testing.assert_close(w, expected.expand(2, 3))
+    torch.testing.assert_close(half, fresh * w[..., None])
 
 
 @pytest.mark.slow

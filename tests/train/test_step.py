@@ -9,7 +9,23 @@ from opd.config import load_config
 from opd.objectives.select import make_objective
 from opd.rollout.sampler import Batch
 from opd.train.optim import make_optimizer
-from opd.train.step import score, update
+from opd.methods import make_method, method_class
+from opd.teachers.local import score as teacher_scores
+from opd.train.step import update as train_update
+
+
+def score(model, batch):
+    """The teacher's scores of a batch and its log-probs of the sampled tokens."""
+    scores = teacher_scores(model, batch)
+    return scores, scores.logprobs
+
+
+def update(model, opt, sched, objective, batch, scores, train_cfg, *, method="opd", teacher_logprobs=None,
+           advantages=None):
+    """One update step by the named method (its default options)."""
+    m = make_method(method_class(method).Options())
+    return train_update(model, opt, sched, m, objective, batch, train_cfg,
+                        scores=scores if m.uses_teacher else None, advantages=advantages)
 
 
 def _tiny_batch(tok):

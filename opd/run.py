@@ -1,0 +1,177 @@
+"""Building a run: everything `distill` needs, loaded and checked before step 1.
+
+The loop (opd/loop.py) then only steps, evaluates and checkpoints; this module owns the setup:
+run directory, task, student, teachers (local, served, Ray-hosted), method, objective, filters, the
+rollout backend and producer, the optimizer, and the start or resume of the run's state.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from opd.backends.hf import load_model
+from opd.config import DistillConfig, to_dict
+from opd.errors import OpdError
+from opd.eval.evaluate import evaluate
+from opd.flops import ModelShape
+from opd.methods import make_method
+from opd.objectives.select import make_objective
+from opd.rollout.backend import HFBackend, RolloutBackend
+from opd.rollout.filters import build_filters
+from opd.rollout.producer import RolloutProducer
+from opd.rollout.prompts import encode_answers, encode_prompts
+from opd.store.rundir import RunDir
+from opd.store.samples import SampleStore
+from opd.store.tracking import Tracker
+from opd.tasks.data import load_jsonl
+from opd.tasks.loader import load_task
+from opd.teachers import LocalTeacher, TeacherPool, load_teachers
+from opd.train.optim import make_optimizer
+
+SAMPLED_LR = 1e-4  # docs/objectives.md: the sampled-token estimator made students worse at 1e-3, better at 1e-4
+
+
+@dataclass
+class State:
+    """What changes as the run goes: restored exactly from a checkpoint."""
+
+    step: int = 0  # the last finished step
+    flops: float = 0.0
+    teacher_accuracy: float | None = None
+    student_before: float = 0.0
+    eval_n: int = 0
+    below_start: int = 0  # consecutive evaluations below the start by more than the interval
+    regressed_at: list = field(default_factory=list)  # steps where the regression warning fired
+    nonfinite_streak: int = 0
+    last_checkpoint: int = 0
+
+
+@dataclass
+class Run:
+    cfg: DistillConfig
+    dir: RunDir
+    tracker: Tracker
+    task: object
+    student: object  # LoadedModel
+    teachers: TeacherPool
+    method: object
+    objective: object
+    filters: object
+    samples: SampleStore
+    producer: RolloutProducer
+    backend: object
+    optimizer: object
+    scheduler: object
+    shapes: dict
+    eval_set: list
+    schema_check: dict
+    workers: object = None  # RayWorkers, when scale: is set
+
+    @property
+    def tokenizer(self):
+        return self.student.tokenizer
+
+    def evaluate_student(self, desc: str, progress: bool):
+        cfg = self.cfg
+        return evaluate(self.student.model, self.tokenizer, self.eval_set, self.task.schema, self.task.verifier,
+                        max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                        batch_size=cfg.eval.batch_size, progress=progress, desc=desc)
+
+    def evaluate_teachers(self, progress: bool) -> float | None:
+        """Each held-out prompt answered greedily by the teacher of its task tag; None if one cannot decode."""
+        cfg, correct = self.cfg, 0
+        tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+        for t, rows in self.teachers.split(self.eval_set):
+            def decode(prompts, examples, t=t):
+                return t.generate(prompts, examples, max_new_tokens=tokens, greedy=True)
+            try:
+                result = evaluate(None, self.tokenizer, [self.eval_set[i] for i in rows], self.task.schema,
+                                  self.task.verifier, max_new_tokens=tokens, batch_size=cfg.eval.batch_size,
+                                  progress=progress, desc=f"eval {t.name}", decode=decode)
+            except OpdError as exc:  # e.g. a served teacher without a generation endpoint
+                print(f"opd: teacher {t.name} not evaluated: {exc}", file=sys.stderr)
+                return None
+            correct += result.accuracy * len(rows)
+        return correct / len(self.eval_set)
+
+
+def build_run(cfg: DistillConfig, resume: bool) -> tuple[Run, tuple | None]:
+    """Load and check everything; returns the run and the checkpoint to resume from (step, path) or None."""
+    run_dir = RunDir(cfg.out)
+    if resume and not run_dir.root.exists():
+        raise OpdError(f"--resume: no run at {run_dir.root} (nothing to resume; drop --resume to start it)")
+    run_dir.create(resume)
+    ckpt = run_dir.latest_checkpoint() if resume else None
+    task = load_task(cfg.task)
+    student = load_model(str(ckpt[1]) if ckpt else cfg.student.model, revision=None if ckpt else cfg.student.revision,
+                         trainable=True)
+    tok = student.tokenizer
+    teachers = TeacherPool(load_teachers(cfg, tok, task.schema), task.schema, tok)
+    schema_check = teachers.check_schemas(task.train, cfg.task.allow_schema_mismatch)
+    teachers.prepare(task.train)  # dtype auto: bf16 where native and accurate; served: tokenizer, top-k
+    method = make_method(cfg.method)
+    objective = make_objective(cfg.objective, teacher_has_logits=teachers.has_logits, teacher_top_k=teachers.top_k)
+    if objective.is_sampled and cfg.objective.name == "auto" and cfg.objective.clip == 5.0:
+        objective.params["clip"] = 1.0  # docs/objectives.md: clip 1 measured at least as good as 5
+    _check_learning_rate(cfg, objective)
+    workers = None
+    if cfg.scale.ray_address:  # rollouts and teacher passes on Ray actors; the same results as in-process
+        from opd.scale.ray_workers import RayWorkers
+
+        local = [t for t in teachers.teachers if isinstance(t, LocalTeacher)]
+        workers = RayWorkers(cfg.scale, student.name, local, tok.pad_token_id, tok.eos_token_id)
+        teachers = TeacherPool([workers.host(t) if isinstance(t, LocalTeacher) else t for t in teachers.teachers],
+                               task.schema, tok)
+    backend = make_backend(cfg, student, workers)
+    traces = load_jsonl(method.options.traces) if getattr(method.options, "traces", None) else None
+    pool = traces or task.train
+    anchors = load_jsonl(cfg.anchors.path) if cfg.anchors.fraction > 0 else None
+    producer = RolloutProducer(
+        cfg, method, backend, teachers, tok, pool, encode_prompts(pool, task.schema, tok),
+        answers=encode_answers(traces, tok) if traces else None, anchors=anchors,
+        anchor_ids=(encode_prompts(anchors, task.schema, tok), encode_answers(anchors, tok)) if anchors else None)
+    optimizer, scheduler = make_optimizer(student.model, cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps)
+    shapes = {"student": ModelShape.of(student.model),
+              **{t.name: ModelShape.of(t.model) for t in teachers.teachers if isinstance(t, LocalTeacher)}}
+    run = Run(cfg, run_dir, Tracker(run_dir.root, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                                    config=to_dict(cfg)),
+              task, student, teachers, method, objective, build_filters(cfg.filters), SampleStore(run_dir.root),
+              producer, backend, optimizer, scheduler, shapes,
+              task.eval[:cfg.eval.limit] if cfg.eval.limit else task.eval, schema_check, workers)
+    return run, ckpt
+
+
+def make_backend(cfg, student, scale_workers=None) -> RolloutBackend:
+    """The backend `rollout.backend` names; an unavailable one is a one-line error."""
+    name = cfg.rollout.backend
+    if name == "auto":
+        name = "ray" if cfg.scale.rollout_workers else "hf"
+    tok = student.tokenizer
+    if name == "hf":
+        return HFBackend(student.model, tok.eos_token_id, tok.pad_token_id)
+    if name == "ray":
+        if scale_workers is None:
+            raise OpdError("rollout.backend ray needs scale.ray_address and scale.rollout_workers > 0")
+        return scale_workers.rollout_backend()
+    try:
+        from opd.backends.vllm import VLLMBackend
+    except ImportError as exc:
+        raise OpdError(f"rollout.backend vllm is unavailable ({exc}): pip install 'opd[vllm]' on a GPU machine") from None
+    return VLLMBackend(student.name, tok.eos_token_id, tok.pad_token_id)
+
+
+def _check_learning_rate(cfg, objective) -> None:
+    """The sampled-token estimator needs a smaller step than the exact divergences (measured): `auto` with
+    the default lr takes SAMPLED_LR (the resolved config shows it); an explicit larger lr is warned about."""
+    from opd.config import TrainConfig
+
+    if objective.is_sampled and cfg.objective.name == "auto" and cfg.train.lr == TrainConfig.lr:
+        cfg.train.lr = SAMPLED_LR
+        print(f"opd: the teacher returns only sampled-token log-probs: objective {objective.name} (clip "
+              f"{objective.params['clip']:g}) at train.lr {SAMPLED_LR:g} (docs/objectives.md)", file=sys.stderr)
+    elif objective.is_sampled and cfg.train.lr > SAMPLED_LR:
+        print(f"opd: warning: objective {objective.name} with train.lr {cfg.train.lr:g}: this estimator made "
+              f"students worse at lr 1e-3 and better at {SAMPLED_LR:g} (docs/objectives.md); set "
+              f"train.lr={SAMPLED_LR:g}, or use a teacher that returns top-k log-probs (teacher.top_k)",
+              file=sys.stderr)
