@@ -203,6 +203,7 @@ def interrupted(run: Run, state: State) -> None:
     there (a step at a rollout-block boundary: every step when strictly on-policy)."""
     block = run.cfg.rollout.max_staleness + 1
     resumable = state.step - state.step % block
+    run.samples.drop_pending_after(resumable)  # rows of the half-done step (or block) are redone on resume
     if resumable > state.last_checkpoint:
         state.step = resumable
         checkpoint(run, state)

@@ -100,6 +100,11 @@ class SampleStore:
     def add_evals(self, rows: list[dict]) -> None:
         self._buffers["evals"].extend(rows)
 
+    def drop_pending_after(self, step: int) -> None:
+        """Forget buffered rows of steps after `step` (a step interrupted half-way is redone on resume)."""
+        for rows in self._buffers.values():
+            rows[:] = [r for r in rows if r["step"] <= step]
+
     def parts(self, table: str) -> list[Path]:
         folder = self.root / table
         if not folder.is_dir():
