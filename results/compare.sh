@@ -23,13 +23,13 @@ teacher: {model: $W/teacher}
 student: {model: $W/student}
 task: {train: $W/data/train.jsonl, eval: $W/data/eval.jsonl, verifier: exact}
 rollout: {batch_size: 64, max_new_tokens: $((K + 2))}
-train: {steps: 300, lr: 1.0e-3, warmup_steps: 100, eval_every: 15}
+train: {steps: 300, lr: 1.0e-3, warmup_steps: 100, eval_every: 5}
 out: $W/unused
 YAML
 # Every method (RL too) is evaluated every 15 steps and each time its FLOPs cross a multiple of one
 # shared spacing (OPD's projected FLOPs / 20, from a 5-step OPD pilot), so FLOPs-to-target brackets compare.
 # RL: REINFORCE with a group baseline, 8 samples for each of 8 prompts, lr 1e-4 (1e-3 collapses).
-$OPD compare "$W/compare.yaml" --methods opd,sft,rl --seeds 3 --out "$W/out" --no-progress \
+$OPD compare "$W/compare.yaml" --methods opd,sft,rl --seeds 3 --out "$W/out" --no-progress --evals-per-run 60 \
     --method-set rl:train.lr=1.0e-4 --method-set rl:rollout.batch_size=8 --method-set rl:rollout.samples_per_prompt=8
 cp "$W/out/compare.json" "results/$NAME.json"
 cp "$W/out/compare.png" "results/$NAME.png"

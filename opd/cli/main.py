@@ -147,7 +147,8 @@ def cmd_compare(args) -> None:
             raise OpdError(f"--method-set expects METHOD:key=value, got {item!r}")
         overrides.setdefault(method, []).append(assignment)
     report = compare(base, [m.strip() for m in args.methods.split(",") if m.strip()], args.seeds, args.out,
-                     rl_budget=args.rl_budget, method_overrides=overrides, progress=not args.no_progress)
+                     rl_budget=args.rl_budget, method_overrides=overrides, evals_per_run=args.evals_per_run,
+                     progress=not args.no_progress)
     print_table(report)
     print(f"wrote {args.out}/compare.json and {args.out}/compare.png")
 
@@ -259,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds per method")
     p.add_argument("--out", required=True, help="folder for the runs, compare.json and compare.png")
     p.add_argument("--rl-budget", type=float, default=10.0, help="RL FLOPs budget as a multiple of OPD's FLOPs to target")
+    p.add_argument("--evals-per-run", type=int, default=20,
+                   help="FLOP grid: evaluations over an OPD run's FLOPs (every method is evaluated on it)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value for every method")
     p.add_argument("--method-set", action="append", metavar="METHOD:KEY=VALUE",
                    help="override for one method only, e.g. rl:train.lr=1e-4")
