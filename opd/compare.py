@@ -104,8 +104,6 @@ def budgeted(method: str) -> bool:
     target, so "never reached" means something, and may stop once it reaches the target."""
     from opd.methods import METHODS
 
-    reference = REFERENCE
-
     return METHODS[method].uses_reward and not METHODS[method].uses_teacher
 
 
