@@ -81,8 +81,11 @@ def test_ctrl_c_before_any_checkpoint_keeps_the_finished_steps(task_and_models):
     cfg = root / "i-stopped.yaml"
     data["out"] = str(stopped)
     cfg.write_text(yaml.safe_dump(data))
+    # a shell's background job inherits SIGINT ignored (and Python then keeps ignoring it): restore the default,
+    # as in a terminal
     proc = subprocess.Popen([OPD, "distill", str(cfg), "--no-progress"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = stopped / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
