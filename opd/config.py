@@ -26,6 +26,24 @@ class ModelConfig:
     # its log-probs on probe answers stay within 0.05 nats of float32 (measured at start, recorded in the
     # manifest), else float32. The student always trains in float32 (see train.precision).
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    # where the model runs: auto = the first CUDA GPU when there is one, else the CPU; or cuda:N / cpu. A
+    # teacher may sit on another GPU than the student; batches move once, between student and teacher
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class LoraConfig:
+    # LoRA adapters with peft: only the adapters train and are checkpointed; the run writes the adapter
+    # (student-adapter/) and the merged model (student/). r = 0 trains every weight (full fine-tuning)
+    r: int = 0  # adapter rank; 0 = no LoRA (full fine-tuning)
+    alpha: float = 32.0  # scale of the adapter update is alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input (0 keeps sampling and training the same policy)
+    target_modules: typing.Any = "all-linear"  # module names (list) or "all-linear" (every linear but the head)
+
+
+@dataclass
+class StudentConfig(ModelConfig):
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters instead of full fine-tuning
 
 
 @dataclass
@@ -44,6 +62,9 @@ class TeacherConfig(ModelConfig):
     # served: consecutive failed requests (unreachable, 5xx, timeout) before the run ends with one line;
     # the retries back off exponentially up to 30 s, so the default waits about 15 minutes for a restart
     max_failures: int = 30  # served: consecutive failed requests before the run ends
+    # local: spread a teacher larger than one GPU over several (accelerate's device_map, e.g. "auto");
+    # null = the whole teacher on `device`
+    device_map: str | None = None  # null | auto | balanced | sequential
 
     def validate(self, where: str) -> None:
         if bool(self.model) == bool(self.url):
@@ -63,6 +84,9 @@ class TaskConfig:
     verifier: str = "exact"  # exact | numeric | regex:<pattern> | python:module:function
     prompt_schema: typing.Any = "{prompt}"  # format string, "chat" (tokenizer's chat template) or a dict
     teacher_prompt_schema: typing.Any = None  # None = the teacher sees exactly the student's prompt
+    # chat schemas: passed to apply_chat_template for student and teacher alike (recorded in the manifest),
+    # e.g. {enable_thinking: false} so a Qwen3 model answers without a thinking block
+    chat_template_kwargs: dict = field(default_factory=dict)  # extra apply_chat_template arguments
     allow_schema_mismatch: bool = False  # a teacher/student prompt difference is an error unless this is true
     seed: int = 1234  # seed of the built-in generator
 
@@ -80,6 +104,9 @@ class RolloutConfig:
     # who samples the student's rollouts: hf (opd's KV-cache sampler, in this process), ray (scale.rollout_workers
     # Ray actors), vllm (GPU, `pip install 'opd[vllm]'`); auto = ray when scale.rollout_workers > 0, else hf
     backend: str = "auto"  # auto | hf | ray | vllm
+    # rows decoded at once (rollouts and greedy evaluation) are bounded so their KV cache, prompt + new
+    # tokens at the model's own dtype, stays under this budget; the rows' samples do not depend on it
+    kv_cache_gib: float = 8.0  # KV-cache budget per decode batch, GiB
 
 
 @dataclass
@@ -106,10 +133,16 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     max_nonfinite: int = 3  # a non-finite loss/gradient skips the update; abort after this many in a row
     micro_batch_size: int = 0  # rows per forward/backward (gradient accumulation); 0 = whole batch
-    # the student's forward/backward: float32, or bfloat16 autocast (float32 weights, optimizer and loss);
-    # auto = bfloat16 where the hardware computes it natively. bench/NOTES.md: bf16 made W's update 12-15%
-    # faster on this CPU, slower on an AMX one, and the demo no faster and slightly worse: float32 by default
-    precision: str = "float32"  # float32 | bfloat16 | auto
+    # and at most this many tokens (rows x (prompt + completion)) per forward/backward, so activation memory
+    # is bounded whatever the batch; a row longer than the budget is a micro-batch of its own. Neither
+    # budget changes the loss or the gradient (every loss is normalised by the whole batch's token count)
+    micro_batch_tokens: int = 16384  # tokens per micro-batch (0 = no token budget)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30% slower)
+    # float32: weights, activations and optimizer in float32. bfloat16: autocast (float32 weights and
+    # optimizer, bfloat16 matmuls). bfloat16_weights: bfloat16 weights and activations, with float32 master
+    # weights and optimizer state (saved in checkpoints, so a resume is exact). auto = bfloat16_weights on a
+    # GPU with native bfloat16, else float32 (bench/NOTES.md: on CPU bf16 made the demo no faster and worse)
+    precision: str = "auto"  # auto | float32 | bfloat16 | bfloat16_weights
     # the loss walks completion tokens in chunks of at most this many logits (per model, float32), so
     # memory does not grow with batch x length x vocabulary; the default is one chunk at small vocabularies
     logits_chunk: int = 4_194_304  # logits per chunk (16 MiB float32)
@@ -154,7 +187,7 @@ class ScaleConfig:
 @dataclass
 class DistillConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: ModelConfig = field(default_factory=ModelConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     # several teachers routed by task tag, each a `teacher` section: [{name, model | url, tasks: [tags]
     # ("*" = the rest), dtype, prompt_schema, ...}]; when set, the `teacher` section is not used
@@ -177,8 +210,16 @@ class DistillConfig:
 
 POSITIVE = {"train.max_nonfinite", "rollout.batch_size", "rollout.samples_per_prompt", "rollout.max_new_tokens", "train.steps",
             "train.eval_every", "eval.batch_size", "task.n_train", "task.n_eval"}
-NON_NEGATIVE = {"rollout.max_staleness", "train.warmup_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.micro_batch_size", "train.logits_chunk", "objective.top_k", "scale.rollout_workers", "scale.teacher_workers", "eval.limit", "eval.max_new_tokens",
+NON_NEGATIVE = {"train.micro_batch_tokens", "rollout.max_staleness", "train.warmup_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.micro_batch_size", "train.logits_chunk", "objective.top_k", "scale.rollout_workers", "scale.teacher_workers", "eval.limit", "eval.max_new_tokens",
                 "train.grad_clip", "train.weight_decay"}
+
+
+def check_device(key: str, device: str) -> None:
+    """auto | cpu | cuda | cuda:N (availability is checked when the model loads)."""
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise OpdError(f"{key} must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 def _check_type(key: str, value, annotation):
@@ -308,10 +349,22 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     for key in ("beta", "alpha"):
         if not 0.0 <= getattr(cfg.objective, key) <= 1.0:
             raise OpdError(f"objective.{key} must be in [0, 1], got {getattr(cfg.objective, key)}")
-    if cfg.train.precision not in ("auto", "float32", "bfloat16"):
-        raise OpdError(f"train.precision must be auto, float32 or bfloat16, got {cfg.train.precision!r}")
+    if cfg.train.precision not in ("auto", "float32", "bfloat16", "bfloat16_weights"):
+        raise OpdError(f"train.precision must be auto, float32, bfloat16 or bfloat16_weights, got {cfg.train.precision!r}")
+    if cfg.rollout.kv_cache_gib <= 0:
+        raise OpdError(f"rollout.kv_cache_gib must be positive, got {cfg.rollout.kv_cache_gib}")
+    for where, model in [("student", cfg.student), *((f"teachers[{i}]" if cfg.teachers else "teacher", t)
+                                                      for i, t in enumerate(cfg.teachers or [cfg.teacher]))]:
+        check_device(f"{where}.device", model.device)
+    lora = cfg.student.lora
+    if lora.r < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+        raise OpdError("student.lora: r must be >= 0, alpha positive and dropout in [0, 1)")
+    if lora.r and cfg.scale.rollout_workers:
+        raise OpdError("student.lora with scale.rollout_workers is not supported yet: Ray workers take full "
+                       "weights; sample in this process (scale.rollout_workers: 0)")
     if cfg.student.dtype not in ("auto", "float32"):
-        raise OpdError("student.dtype: the student trains in float32 (set the teacher's dtype instead)")
+        raise OpdError("student.dtype: the student's precision is train.precision (float32, bfloat16 autocast "
+                       "or bfloat16_weights); student.dtype stays auto")
     if cfg.anchors.fraction and round(cfg.anchors.fraction * cfg.rollout.batch_size) >= cfg.rollout.batch_size:
         raise OpdError(f"anchors.fraction {cfg.anchors.fraction} leaves no sampled rollouts in a batch of "
                        f"{cfg.rollout.batch_size}")

@@ -153,14 +153,20 @@ def load_model(name_or_path: str, dtype: str = "float32", revision: str | None =
     return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)
 
 
-@functools.cache
-def native_bf16() -> bool:
-    """Whether this machine computes bfloat16 matmuls natively: a CUDA GPU with bf16, or a CPU with
-    AVX512-BF16 or AMX (elsewhere bf16 is emulated and slower than float32)."""
+def native_bf16(device="cpu") -> bool:
+    """Whether `device` computes bfloat16 matmuls natively: a CUDA GPU with bf16 (Ampere or newer), or a
+    CPU with AVX512-BF16 or AMX (elsewhere bf16 is emulated and slower than float32)."""
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return major >= 8
+    return device.type == "cpu" and _cpu_bf16()
+
+
+@functools.cache
+def _cpu_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: no cheap way to know, keep float32

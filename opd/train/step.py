@@ -20,11 +20,15 @@ from opd.train.chunked import DEFAULT_CHUNK_ELEMENTS, chunk_ranges, completion_h
 from opd.train.optim import optimizer_step
 
 
-def student_precision(name: str) -> str:
-    """train.precision resolved: auto = bfloat16 autocast where this machine computes bf16 natively."""
+def student_precision(name: str, device="cpu") -> str:
+    """train.precision resolved for the student's device: auto = bfloat16 weights on a GPU with native
+    bfloat16, float32 elsewhere (on CPU bf16 was measured no faster and slightly worse, bench/NOTES.md)."""
     from opd.backends.hf import native_bf16
 
-    return ("bfloat16" if native_bf16() else "float32") if name == "auto" else name
+    if name != "auto":
+        return name
+    device = torch.device(device)
+    return "bfloat16_weights" if device.type == "cuda" and native_bf16(device) else "float32"
 
 
 def weighted_rows(objective, sources: list[str], lag: int, rollout_temperature: float) -> torch.Tensor:
