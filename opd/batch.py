@@ -38,6 +38,10 @@ class Batch:
     def completion_lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(dim=1)
 
+    def to(self, device) -> "Batch":
+        """The batch on `device`: a batch lives on the CPU between phases and moves once into each model."""
+        return Batch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
     def rows(self, index) -> "Batch":
         """The rows selected by `index` (a slice, a bool mask [B] or a tensor of row numbers)."""
         return Batch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))

@@ -13,6 +13,7 @@ function of (seed, step), so a resumed run replays exactly what an uninterrupted
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 
@@ -24,24 +25,27 @@ from opd.flops import step_flops
 from opd.objectives.reward import group_advantages
 from opd.rollout.records import per_teacher_logprob, rollout_views, store_rows
 from opd.run import Run, State, build_run
+from opd.preflight import preflight as check_before_start
 from opd.schedule import Schedule
 from opd.stats import wilson
 from opd.store.manifest import build_manifest
 from opd.store.rundir import read_jsonl
 from opd.store.samples import eval_rows
 from opd.train.step import update, weighted_rows
+from opd.backends.lora import save_student
 
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, argv=None,
-            schedule: Schedule | None = None) -> dict:
+            schedule: Schedule | None = None, preflight: bool = True) -> dict:
     """Run on-policy distillation (or another method) as configured; returns summary.json's content.
-    `schedule` (opd compare) decides when to evaluate and stop; default: train.steps / train.eval_every."""
+    `schedule` (opd compare) decides when to evaluate and stop; default: train.steps / train.eval_every.
+    `preflight`: check prompts, special tokens and the teacher's log-probs before step 1 (docs/preflight.md)."""
     from tqdm.auto import tqdm
 
     wall_start = time.time()
     schedule = schedule or Schedule.from_train(cfg.train)
     run, ckpt = build_run(cfg, resume)
-    state = resume_from(run, ckpt) if ckpt else start(run, resume, argv, progress)
+    state = resume_from(run, ckpt) if ckpt else start(run, resume, argv, progress, preflight)
     bar = tqdm(total=schedule.steps, initial=state.step, desc=run.method.name, disable=not progress)
     try:
         while state.step < schedule.steps:
@@ -67,17 +71,22 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
     return finish(run, state, wall_start)
 
 
-def start(run: Run, resume: bool, argv, progress: bool) -> State:
-    """A new run (or --resume with no checkpoint yet): config, manifest, step-0 evaluation of both models."""
+def start(run: Run, resume: bool, argv, progress: bool, preflight: bool = True) -> State:
+    """A new run (or --resume with no checkpoint yet): config, preflight, manifest, step-0 evaluation."""
     if resume:  # start over, dropping whatever the interrupted run logged
         print(f"opd: {run.dir.root} has no checkpoint yet: starting it from step 0", file=sys.stderr)
         run.dir.truncate_after(-1)
         run.samples.truncate_after(-1)
     cfg = run.cfg
     save_config(cfg, run.dir.root / "config.yaml")
-    run.dir.write_json("manifest.json", build_manifest(
+    checks = None
+    if preflight:  # quiet runs (opd compare, tests) print only the warnings
+        checks = check_before_start(run, out=sys.stderr if progress else io.StringIO())
+        for warning in checks["warnings"] if not progress else []:
+            print(f"opd: warning: {warning}", file=sys.stderr)
+    run.dir.write_json("manifest.json", {**build_manifest(
         cfg, run.teachers, run.student, run.task, run.method, run.objective, run.filters, run.schema_check, argv,
-        backend=type(run.backend).__name__))
+        backend=type(run.backend).__name__), "preflight": checks})
     state = State()
     state.teacher_accuracy = run.evaluate_teachers(progress)
     result = run.evaluate_student("eval student", progress)
@@ -135,7 +144,7 @@ def train_step(run: Run, state: State, step: int) -> dict:
                        cfg.train, scores=scores.rows(keep) if scores is not None else None,
                        advantages=advantages[keep] if advantages is not None else None,
                        weighted=weighted[keep] if weighted is not None else None,
-                       rollout_temperature=cfg.rollout.temperature)
+                       rollout_temperature=cfg.rollout.temperature, vocab_size=len(run.tokenizer))
     else:  # every rollout rejected (or no learning signal): nothing to learn from, not a numeric failure
         stats = {"loss": 0.0, "grad_norm": 0.0, "update_applied": False}
         run.scheduler.step()  # the schedule counts steps, trained or not
@@ -218,9 +227,8 @@ def finish(run: Run, state: State, wall_start: float) -> dict:
         run.workers.close()
     final = read_jsonl(run.dir.eval_path)[-1]
     run.samples.flush(final["step"])
-    out = run.dir.root / "student"
-    run.student.model.save_pretrained(out, safe_serialization=True)
-    run.tokenizer.save_pretrained(out)
+    out = run.dir.root / "student"  # a plain model folder (LoRA: merged), + the adapter in student-adapter/
+    save_student(run.student.model, run.tokenizer, out, run.dir.root / "student-adapter")
     teacher, before, after = state.teacher_accuracy, state.student_before, final["accuracy"]
     gap = teacher - before if teacher is not None else 0
     summary = {"method": run.method.name, "teacher_accuracy": teacher, "student_accuracy_before": before,
@@ -239,3 +247,4 @@ def finish(run: Run, state: State, wall_start: float) -> dict:
         write_report(run.dir.root)  # RUN/report.html; also merges the review checklist into summary.json
         summary["report_path"] = str(run.dir.root / "report.html")
     return summary
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+from opd.backends.devices import resolve_device
 from opd.backends.hf import load_model
 from opd.config import DistillConfig, to_dict
 from opd.errors import OpdError
@@ -28,6 +29,7 @@ from opd.tasks.data import load_jsonl
 from opd.tasks.loader import load_task
 from opd.teachers import LocalTeacher, TeacherPool, load_teachers
 from opd.train.optim import make_optimizer
+from opd.train.step import student_precision
 
 SAMPLED_LR = 1e-4  # docs/objectives.md: the sampled-token estimator made students worse at 1e-3, better at 1e-4
 
@@ -104,8 +106,7 @@ def build_run(cfg: DistillConfig, resume: bool) -> tuple[Run, tuple | None]:
     run_dir.create(resume)
     ckpt = run_dir.latest_checkpoint() if resume else None
     task = load_task(cfg.task)
-    student = load_model(str(ckpt[1]) if ckpt else cfg.student.model, revision=None if ckpt else cfg.student.revision,
-                         trainable=True)
+    student = load_student(cfg, ckpt[1] if ckpt else None)
     tok = student.tokenizer
     teachers = TeacherPool(load_teachers(cfg, tok, task.schema), task.schema, tok)
     schema_check = teachers.check_schemas(task.train, cfg.task.allow_schema_mismatch)
@@ -131,7 +132,9 @@ def build_run(cfg: DistillConfig, resume: bool) -> tuple[Run, tuple | None]:
         cfg, method, backend, teachers, tok, pool, encode_prompts(pool, task.schema, tok),
         answers=encode_answers(traces, tok) if traces else None, anchors=anchors,
         anchor_ids=(encode_prompts(anchors, task.schema, tok), encode_answers(anchors, tok)) if anchors else None)
-    optimizer, scheduler = make_optimizer(student.model, cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps)
+    optimizer, scheduler = make_optimizer(student.model, cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps,
+                                          master_weights=student_precision(cfg.train.precision,
+                                                                           student.device) == "bfloat16_weights")
     shapes = {"student": ModelShape.of(student.model),
               **{t.name: ModelShape.of(t.model) for t in teachers.teachers if isinstance(t, LocalTeacher)}}
     run = Run(cfg, run_dir, Tracker(run_dir.root, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
@@ -142,6 +145,31 @@ def build_run(cfg: DistillConfig, resume: bool) -> tuple[Run, tuple | None]:
     return run, ckpt
 
 
+def load_student(cfg: DistillConfig, checkpoint=None):
+    """The student on its device, in the dtype train.precision asks for, with LoRA adapters when
+    student.lora.r > 0. From a checkpoint: its weights (full fine-tuning), or the base model plus the
+    checkpoint's adapter (LoRA: checkpoints hold only the adapter)."""
+    device = resolve_device(cfg.student.device)
+    dtype = "bfloat16" if student_precision(cfg.train.precision, device) == "bfloat16_weights" else "float32"
+    lora = cfg.student.lora.r > 0
+    if checkpoint is not None and RunDir.is_adapter_checkpoint(checkpoint) != lora:
+        raise OpdError(f"--resume: {checkpoint} holds {'a LoRA adapter' if not lora else 'full weights'} but "
+                       f"student.lora.r is {cfg.student.lora.r}; resume with the run's own config")
+    source = str(checkpoint) if checkpoint is not None and not lora else cfg.student.model
+    student = load_model(source, dtype=dtype, revision=cfg.student.revision if source == cfg.student.model else None,
+                         trainable=True, device=device)
+    if lora:
+        from opd.backends.lora import apply_lora, load_adapter
+
+        student.model = load_adapter(student.model, checkpoint) if checkpoint is not None \
+            else apply_lora(student.model, cfg.student.lora, seed=cfg.train.seed)
+    if cfg.train.gradient_checkpointing:  # recompute each layer's activations in the backward pass
+        from opd.backends.lora import unwrap
+
+        unwrap(student.model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return student
+
+
 def make_backend(cfg, student, scale_workers=None) -> RolloutBackend:
     """The backend `rollout.backend` names; an unavailable one is a one-line error."""
     name = cfg.rollout.backend
@@ -149,7 +177,8 @@ def make_backend(cfg, student, scale_workers=None) -> RolloutBackend:
         name = "ray" if cfg.scale.rollout_workers else "hf"
     tok = student.tokenizer
     if name == "hf":
-        return HFBackend(student.model, tok.eos_token_id, tok.pad_token_id)
+        return HFBackend(student.model, tok.eos_token_id, tok.pad_token_id, vocab_size=len(tok),
+                         kv_cache_gib=cfg.rollout.kv_cache_gib)
     if name == "ray":
         if scale_workers is None:
             raise OpdError("rollout.backend ray needs scale.ray_address and scale.rollout_workers > 0")

@@ -11,6 +11,25 @@ from dataclasses import dataclass, field
 import torch
 
 
+def at(tensor: torch.Tensor, index):
+    """tensor[index] with a tensor index moved to the tensor's device (hidden states live on their
+    teacher's device, log-probs and masks on the CPU)."""
+    return tensor[index.to(tensor.device) if isinstance(index, torch.Tensor) else index]
+
+
+def limit_vocab(head, n: int | None):
+    """head(x)[..., :n]: logits over the tokenizer's n real ids. A model's embedding may be padded past
+    them (Qwen2.5 0.5B-3B: 151,936 rows, 7B+: 152,064, one tokenizer), so two models of one family are
+    compared over the ids both can emit."""
+    if n is None:
+        return head
+
+    def real(hidden: torch.Tensor) -> torch.Tensor:
+        return head(hidden)[..., :n]
+
+    return real
+
+
 @dataclass
 class TeacherScores:
     """The teachers' view of a batch, whatever kind of teacher produced it.
@@ -35,16 +54,16 @@ class TeacherScores:
         return bool(self.heads)
 
     def rows(self, index) -> "TeacherScores":
-        topk = (None, None) if self.topk_ids is None else (self.topk_logprobs[index], self.topk_ids[index])
-        owner = None if self.owner is None else self.owner[index]
-        return TeacherScores(self.logprobs[index], [h[index] for h in self.hidden], self.heads, owner, *topk)
+        topk = (None, None) if self.topk_ids is None else (at(self.topk_logprobs, index), at(self.topk_ids, index))
+        owner = None if self.owner is None else at(self.owner, index)
+        return TeacherScores(at(self.logprobs, index), [at(h, index) for h in self.hidden], self.heads, owner, *topk)
 
     def flat(self, token_mask: torch.Tensor) -> "FlatTeacher":
         """The completion tokens selected by token_mask [B, T] (row-major), as a flat sequence."""
         sel = token_mask.bool()
-        owner = None if self.owner is None else self.owner[:, None].expand(sel.shape)[sel]
-        topk = (None, None) if self.topk_ids is None else (self.topk_logprobs[sel], self.topk_ids[sel])
-        return FlatTeacher(self.logprobs[sel], [h[sel] for h in self.hidden], self.heads, owner, *topk)
+        owner = None if self.owner is None else at(self.owner[:, None].expand(sel.shape), sel)
+        topk = (None, None) if self.topk_ids is None else (at(self.topk_logprobs, sel), at(self.topk_ids, sel))
+        return FlatTeacher(at(self.logprobs, sel), [at(h, sel) for h in self.hidden], self.heads, owner, *topk)
 
     def logits(self) -> torch.Tensor:
         """Dense float32 logits [B, T, V] (tests and small batches only: this is what chunking avoids)."""
@@ -71,17 +90,17 @@ class FlatTeacher:
         return self.topk_logprobs[lo:hi, None], self.topk_ids[lo:hi, None]
 
     @torch.no_grad()
-    def logits(self, lo: int, hi: int) -> torch.Tensor:
-        """float32 teacher logits [hi - lo, V] of flat tokens lo..hi."""
+    def logits(self, lo: int, hi: int, device=None) -> torch.Tensor:
+        """float32 teacher logits [hi - lo, V] of flat tokens lo..hi, on `device` (default: the teacher's)."""
         if len(self.heads) == 1:
-            return self.heads[0](self.hidden[0][lo:hi]).float()
+            return self.heads[0](self.hidden[0][lo:hi]).float().to(device or self.hidden[0].device)
         owner = self.owner[lo:hi]
         out = None
         for g, head in enumerate(self.heads):
             rows = (owner == g).nonzero().squeeze(1)
             if rows.numel():
-                part = head(self.hidden[g][lo:hi][rows]).float()
+                part = head(at(self.hidden[g][lo:hi], rows)).float()
                 if out is None:
-                    out = part.new_zeros(hi - lo, part.shape[-1])
-                out[rows] = part
+                    out = part.new_zeros(hi - lo, part.shape[-1], device=device or part.device)
+                out[rows.to(out.device)] = part.to(out.device)
         return out

@@ -13,6 +13,7 @@ import opd.rollout.backend as backend_module
 import opd.run as run_module
 import opd.teachers.local as local_teacher_module
 from opd.backends.hf import init_model, load_model, weights_sha256
+from opd.backends.weights import files_sha256, safetensors_files
 from opd.config import load_config
 from opd.train.sft import run_sft
 from opd.tasks.data import load_jsonl
@@ -110,10 +111,12 @@ def test_distill_moves_a_weak_student_to_the_teacher(task_and_models, monkeypatc
     assert generated_by and all(m is loaded["student"].model for m in generated_by)
     manifest = json.loads((root / "run-main" / "manifest.json").read_text())
     fresh = load_model(str(dirs["teacher"])).model
-    assert weights_sha256(fresh) == manifest["teacher"]["weights_sha256"]  # the weights as stored
+    # the weights as stored: the safetensors files, streamed (what `sha256sum`-style checks see)
+    assert manifest["teacher"]["weights_sha256"] == files_sha256(safetensors_files(dirs["teacher"]))
+    assert manifest["teacher"]["weights_hashed"] == "safetensors files"
     used = manifest["teacher"]["precision"]["dtype"]  # scored in this precision (auto: bf16 if native)
     assert weights_sha256(loaded["teacher"].model) == weights_sha256(fresh.to(getattr(torch, used)))
-    assert weights_sha256(loaded["student"].model) != manifest["student"]["weights_sha256"]
+    assert files_sha256(safetensors_files(root / "run-main" / "student")) != manifest["student"]["weights_sha256"]
     assert not any(p.requires_grad for p in loaded["teacher"].model.parameters())
 
 

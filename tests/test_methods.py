@@ -46,7 +46,8 @@ def test_who_samples_and_who_scores(task_and_models, monkeypatch, method, sample
                                   "rollout.samples_per_prompt=4", "rollout.batch_size=8"), progress=False)
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert {m["sampled_by"] for m in metrics} == sampled_by
-    assert calls["score"] == scored  # rl and sft never need the teacher's scores
+    # rl and sft never need the teacher's scores to train; the preflight scores once before step 1
+    assert calls["score"] == scored + 1
     assert all(m["flops"] > 0 for m in metrics) and metrics[-1]["flops"] > metrics[0]["flops"]
     assert summary["method"] == method
     manifest = json.loads((out / "manifest.json").read_text())

@@ -12,8 +12,13 @@ from opd.run import make_backend
 BASE = ["teacher.model=t", "student.model=s", "task.builtin=x"]
 
 
+class Tokenizer(SimpleNamespace):
+    def __len__(self):
+        return 10
+
+
 def student():
-    return SimpleNamespace(model=object(), name="s", tokenizer=SimpleNamespace(eos_token_id=2, pad_token_id=0))
+    return SimpleNamespace(model=object(), name="s", tokenizer=Tokenizer(eos_token_id=2, pad_token_id=0))
 
 
 def test_auto_is_the_in_process_sampler():

@@ -6,13 +6,13 @@ Everything downstream treats a folder written by `init_model` exactly like a hub
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from opd.backends.devices import model_device, native_bf16  # noqa: F401  (re-exported)
 from opd.errors import OpdError
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -118,30 +118,49 @@ class LoadedModel:
     model: object
     tokenizer: object
     name: str
-    weights_hash: str | None = None  # sha256 of the weights as stored (set before a precision cast)
+    weights_hash: str | None = None  # sha256 of the safetensors files (streamed), None for an in-memory model
+    stored_dtype: str | None = None  # the dtype of the weights as stored
+    commit: str | None = None  # a hub model's commit hash
 
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    @property
+    def device(self):
+        return model_device(self.model)
+
 
 def load_model(name_or_path: str, dtype: str = "float32", revision: str | None = None,
-               trainable: bool = False) -> LoadedModel:
-    """Load a causal LM and its tokenizer the ordinary way (a hub name or a local folder)."""
+               trainable: bool = False, device="cpu", device_map: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer the ordinary way (a hub name or a local folder), directly in
+    `dtype` and onto `device` (or spread by accelerate's `device_map`): no float32 copy on the host.
+
+    dtype auto: bfloat16 when the weights are stored in 16 bits and the device computes bf16 natively
+    (casting up would add nothing), else float32 (a float32 teacher may still be cast after a probe:
+    opd/teachers/local.py)."""
     path = local_model_path(name_or_path)  # before any import or network access: a typo fails at once
     source = name_or_path if path is None else str(path)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = "float32" if dtype == "auto" else dtype  # auto: loaded in float32, then see settle_precision
+    from opd.backends.weights import files_sha256, model_folder, safetensors_files, stored_dtype
+
+    device = torch.device(device)
+    files = safetensors_files(model_folder(source, revision))
+    stored = stored_dtype(files)
+    if dtype == "auto":
+        dtype = "bfloat16" if stored in ("bfloat16", "float16") and native_bf16(device) else "float32"
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise OpdError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
+    placement = device_map or (str(device) if device.type != "cpu" else None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=torch_dtype,
-                                                     use_safetensors=True)  # never unpickle weights
+                                                     use_safetensors=True,  # never unpickle weights
+                                                     low_cpu_mem_usage=True, device_map=placement)
     except OSError as exc:  # missing files, no network for a hub name, ...
         raise OpdError(f"cannot load model {name_or_path}: {str(exc).splitlines()[0]}") from None
     if tokenizer.eos_token_id is None:
@@ -150,28 +169,10 @@ def load_model(name_or_path: str, dtype: str = "float32", revision: str | None =
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     model.train(trainable)
     model.requires_grad_(trainable)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path)
-
-
-def native_bf16(device="cpu") -> bool:
-    """Whether `device` computes bfloat16 matmuls natively: a CUDA GPU with bf16 (Ampere or newer), or a
-    CPU with AVX512-BF16 or AMX (elsewhere bf16 is emulated and slower than float32)."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
-        return major >= 8
-    return device.type == "cpu" and _cpu_bf16()
-
-
-@functools.cache
-def _cpu_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no cheap way to know, keep float32
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    files = files or safetensors_files(model_folder(source, revision))  # a hub model is cached only now
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path, weights_hash=files_sha256(files),
+                       stored_dtype=stored or stored_dtype(files),
+                       commit=None if path is not None else getattr(model.config, "_commit_hash", None))
 
 
 def weights_sha256(model) -> str:

@@ -3,8 +3,9 @@
 `POST /v1/completions` answers two kinds of request, so `opd.backends.remote.RemoteTeacher` talks
 to this server and to `vllm serve` alike:
 - scoring, `max_tokens: 0` and `echo: true`: the log-prob of every prompt token given the tokens
-  before it (one forward pass), in the OpenAI legacy `logprobs` shape and, when `prompt_logprobs`
-  is asked for, in vLLM's shape with the top-k alternatives per position;
+  before it (one pass of the body, then the head in chunks of positions: never [B, L, V] logits),
+  in the OpenAI legacy `logprobs` shape and, when `prompt_logprobs` is asked for, in vLLM's shape
+  with the top-k alternatives per position;
 - greedy generation, `max_tokens > 0` and `temperature: 0`: each prompt's greedy continuation by
   opd's own sampler (the one evaluation uses), stopping at EOS; `choices[i].token_ids` holds the
   generated ids (the EOS included when it stopped there) and `prompt_token_ids` the prompt, as
@@ -25,6 +26,7 @@ import threading
 from opd.errors import OpdError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOGITS_CHUNK = 1 << 22  # logits per scoring chunk (16 MiB of float32), as train.logits_chunk
 
 
 class ApiError(Exception):
@@ -78,31 +80,75 @@ def check_request(body: dict, max_logprobs: int) -> tuple[str, int]:
                         "(max_tokens>0, temperature=0, no echo)")
 
 
-def forward_logprobs(model, seqs: list[list[int]], pad_id: int):
-    """Log-softmax over the vocabulary for each row, left-padded like the sampler (same positions)."""
+def lm_split(model):
+    """(body, head) of a causal LM whose head(body(x)) reproduces model(x).logits on a probe, else
+    (None, identity): the "hidden states" are then the full logits (correct, not memory-bounded).
+
+    The check opd/train/chunked.py's `split_lm` makes (an architecture with e.g. logit soft-capping
+    fails it); repeated here because backends may not import train (tests/test_architecture.py)."""
     import torch
 
-    from opd.rollout.sampler import left_pad, position_ids
-
-    ids, mask = left_pad(seqs, pad_id)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = getattr(model, "model", None)
+    if head is None or body is None:
+        return None, _identity
     device = next(model.parameters()).device
-    ids, mask = ids.to(device), mask.to(device)
+    probe = torch.arange(4, device=device).remainder(model.get_input_embeddings().num_embeddings)[None]
     with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
-        return torch.log_softmax(logits.float(), dim=-1).cpu()
+        full = model(input_ids=probe, use_cache=False).logits.float()
+        mine = head(body(input_ids=probe, use_cache=False).last_hidden_state).float()
+    same = torch.allclose(full, mine, rtol=1e-4, atol=1e-4 * float(full.abs().max()) + 1e-6)
+    return (body, head) if same else (None, _identity)
 
 
-def score_row(logp, seq: list[int], k: int, tokenizer) -> dict:
-    """One choice: log p(token_j | tokens_<j) for j >= 1, the k best alternatives and the token's rank."""
+def _identity(hidden):
+    return hidden
+
+
+def score_tokens(model, split, seqs: list[list[int]], pad_id: int, k: int,
+                 chunk_elements: int = LOGITS_CHUNK) -> list[tuple]:
+    """Per row, CPU tensors: log p(token_j | tokens_<j) for j >= 1 [n], each token's rank [n], and the
+    k best alternatives' log-probs and ids [n, k].
+
+    The rows are left-padded like the sampler's (same positions). The body runs once over the batch;
+    the head, log-softmax and top-k then run per chunk of at most `chunk_elements` logits, so the peak
+    holds one chunk's logits, never [B, L, V]. Everything is computed on the model's device."""
     import torch
 
-    width = logp.shape[0]
-    rows = logp[width - len(seq): width - 1]  # row j-1 predicts token j
-    target = torch.tensor(seq[1:], dtype=torch.long)
-    lps = rows.gather(1, target[:, None]).squeeze(1) if len(seq) > 1 else torch.zeros(0)
-    ranks = (rows > lps[:, None]).sum(dim=1) + 1
-    k = min(k, rows.shape[1])  # a vocabulary smaller than k: every token is an alternative
-    top_lp, top_id = rows.topk(k, dim=1) if k else (torch.zeros(len(seq) - 1, 0), torch.zeros(len(seq) - 1, 0))
+    from opd.batch import left_pad, position_ids
+
+    body, head = split
+    device = next(model.parameters()).device
+    ids, mask = (t.to(device) for t in left_pad(seqs, pad_id))
+    vocab = model.get_input_embeddings().num_embeddings
+    k = min(k, vocab)  # a vocabulary smaller than k: every token is an alternative
+    real = mask.bool()
+    predicts = real[:, :-1] & real[:, 1:]  # position p predicts token p + 1: both real
+    targets = ids[:, 1:][predicts]
+    n = targets.shape[0]
+    lps, ranks = torch.empty(n, device=device), torch.empty(n, dtype=torch.long, device=device)
+    top_lp, top_id = torch.empty(n, k, device=device), torch.empty(n, k, dtype=torch.long, device=device)
+    with torch.inference_mode():
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+        hidden = (body(**kwargs).last_hidden_state if body is not None else model(**kwargs).logits)[:, :-1][predicts]
+        for lo, hi in chunk_ranges(n, vocab, chunk_elements):
+            logp = torch.log_softmax(head(hidden[lo:hi]).float(), dim=-1)
+            lp = logp.gather(1, targets[lo:hi, None])
+            lps[lo:hi], ranks[lo:hi] = lp[:, 0], (logp > lp).sum(dim=1) + 1
+            top_lp[lo:hi], top_id[lo:hi] = logp.topk(k, dim=1)
+    counts = [len(s) - 1 for s in seqs]
+    return list(zip(*(t.cpu().split(counts) for t in (lps, ranks, top_lp, top_id))))
+
+
+def chunk_ranges(n_tokens: int, vocab: int, chunk_elements: int):
+    """[(lo, hi)] covering n_tokens, each with at most chunk_elements logits (at least one token)."""
+    step = max(1, chunk_elements // max(vocab, 1))
+    return [(lo, min(lo + step, n_tokens)) for lo in range(0, n_tokens, step)]
+
+
+def score_row(scores: tuple, seq: list[int], tokenizer) -> dict:
+    """One choice from `score_tokens`' row: OpenAI's legacy `logprobs` and vLLM's `prompt_logprobs`."""
+    lps, ranks, top_lp, top_id = scores
     texts = [tokenizer.decode([t]) for t in seq]
     strs = tokenizer.convert_ids_to_tokens(seq)
     offsets, pos = [], 0
@@ -128,8 +174,6 @@ def greedy_choices(model, tokenizer, seqs: list[list[int]], max_tokens: int) -> 
     """Each prompt's greedy continuation, decoded by the sampler evaluation uses (same ids as a local eval)."""
     from opd.rollout.sampler import decode_completions, generate
 
-    if next(model.parameters()).device.type != "cpu":  # the sampler builds its token tensors on the CPU
-        raise ApiError(501, "greedy generation is served only for a teacher on the CPU")
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and max(len(s) for s in seqs) + max_tokens > limit:
         raise ApiError(400, f"prompt + max_tokens exceeds the model's {limit} positions")
@@ -145,8 +189,9 @@ def greedy_choices(model, tokenizer, seqs: list[list[int]], max_tokens: int) -> 
     return choices
 
 
-def complete(loaded, body: dict, lock: threading.Lock, max_logprobs: int) -> dict:
-    """Answer one /v1/completions request: scoring or greedy generation."""
+def complete(loaded, body: dict, lock: threading.Lock, max_logprobs: int, split,
+             logits_chunk: int = LOGITS_CHUNK) -> dict:
+    """Answer one /v1/completions request: scoring (with `split` = lm_split(model)) or greedy generation."""
     kind, n = check_request(body, max_logprobs)
     tok = loaded.tokenizer
     seqs = parse_prompts(body.get("prompt"), tok, loaded.model.get_input_embeddings().num_embeddings)
@@ -156,10 +201,10 @@ def complete(loaded, body: dict, lock: threading.Lock, max_logprobs: int) -> dic
         generated = sum(len(c["token_ids"]) for c in choices)
     else:
         with lock:
-            logp = forward_logprobs(loaded.model, seqs, tok.pad_token_id)
+            scores = score_tokens(loaded.model, split, seqs, tok.pad_token_id, n, logits_chunk)
         choices, generated = [], 0
         for i, seq in enumerate(seqs):
-            choice = {"index": i, **score_row(logp[i], seq, n, tok), "finish_reason": "length"}
+            choice = {"index": i, **score_row(scores[i], seq, tok), "finish_reason": "length"}
             if body.get("prompt_logprobs") is None:
                 del choice["prompt_logprobs"]
             choices.append(choice)
@@ -168,7 +213,7 @@ def complete(loaded, body: dict, lock: threading.Lock, max_logprobs: int) -> dic
             "usage": {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}}
 
 
-def make_app(loaded, token: str | None, max_logprobs: int = 20):
+def make_app(loaded, token: str | None, max_logprobs: int = 20, logits_chunk: int = LOGITS_CHUNK):
     """The FastAPI app: /health and /v1/completions (scoring, greedy generation), optionally behind a token."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
@@ -178,6 +223,7 @@ def make_app(loaded, token: str | None, max_logprobs: int = 20):
 
     app = FastAPI(title="opd teacher", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()
+    split = lm_split(loaded.model)  # checked once, before the first request
     about = {"status": "ok", "model": loaded.name, "tokenizer_sha256": tokenizer_sha256(loaded.tokenizer),
              "vocab_size": loaded.model.get_input_embeddings().num_embeddings}
 
@@ -204,7 +250,7 @@ def make_app(loaded, token: str | None, max_logprobs: int = 20):
         except ValueError:
             return error(400, "request body is not valid JSON")
         try:
-            return await run_in_threadpool(complete, loaded, body, lock, max_logprobs)
+            return await run_in_threadpool(complete, loaded, body, lock, max_logprobs, split, logits_chunk)
         except ApiError as exc:
             return error(exc.status, exc.message)
 
@@ -219,24 +265,24 @@ def check_bind(host: str, token: str | None) -> None:
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          dtype: str = "float32") -> None:
-    """Load the teacher (on GPU when there is one) and serve it until interrupted."""
+          dtype: str = "float32", logits_chunk: int = LOGITS_CHUNK, device: str = "auto") -> None:
+    """Load the teacher directly onto its device (auto: the first GPU when there is one) and serve it
+    until interrupted."""
     check_bind(host, token)
-    import torch
     import uvicorn
 
+    from opd.backends.devices import resolve_device
     from opd.backends.hf import load_model
 
-    loaded = load_model(model, dtype=dtype)
-    if torch.cuda.is_available():
-        loaded.model.to("cuda")
+    loaded = load_model(model, dtype=dtype, device=resolve_device(device))
     print(f"serving teacher {loaded.name} on http://{host}:{port}/v1 "
           f"({'token required' if token else 'no token'})", flush=True)
-    uvicorn.run(make_app(loaded, token), host=host, port=port, log_level="warning")
+    uvicorn.run(make_app(loaded, token, logits_chunk=logits_chunk), host=host, port=port, log_level="warning")
 
 
 def run_serve(args) -> None:
-    serve(args.model, host=args.host, port=args.port, token=args.token, dtype=args.dtype)
+    serve(args.model, host=args.host, port=args.port, token=args.token, dtype=args.dtype,
+          logits_chunk=args.logits_chunk or LOGITS_CHUNK, device=args.device)
 
 
 def add_parser(subparsers) -> None:
@@ -247,6 +293,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind; other than loopback needs --token")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on every request")
+    p.add_argument("--device", default="auto", help="auto (the first CUDA GPU, else the CPU) | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="precision the teacher scores in")
+    p.add_argument("--logits-chunk", type=int, default=LOGITS_CHUNK,
+                   help="logits per scoring chunk (bounds scoring memory; 0 = default)")
     p.set_defaults(func=run_serve)

@@ -1,6 +1,8 @@
-"""`opd` command line: init-model, data, sft, distill, eval, compare, inspect, report, diff, serve-teacher, demo.
+"""`opd` command line: init-model, data, sft, distill, preflight, eval, compare, inspect, report, diff,
+serve-teacher, demo.
 
-Errors in the user's input end in one line on stderr and exit code 2 (a traceback only with --debug).
+Errors in the user's input, and running out of GPU memory, end in one line on stderr and exit code 2
+(a traceback only with --debug).
 """
 
 from __future__ import annotations
@@ -8,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import traceback
 from pathlib import Path
 
 from opd.errors import OpdError
@@ -46,6 +50,7 @@ def cmd_init_model(args) -> None:
 
 
 def cmd_sft(args) -> None:
+    from opd.backends.devices import resolve_device
     from opd.backends.hf import load_model
     from opd.cli.summary import print_sft_summary
     from opd.tasks.data import load_jsonl
@@ -63,12 +68,13 @@ def cmd_sft(args) -> None:
 
         held_out, verifier = load_jsonl(args.eval), make_verifier(args.verifier)
         eval_fn = lambda model: evaluate(model, loaded.tokenizer, held_out, schema, verifier,  # noqa: E731
-                                         max_new_tokens=args.max_new_tokens).accuracy
+                                         max_new_tokens=args.max_new_tokens, kv_cache_gib=args.kv_cache_gib).accuracy
     elif args.stop_at is not None:
         raise OpdError("--stop-at needs --eval DATA.jsonl")
-    loaded = load_model(args.model, trainable=True)
+    loaded = load_model(args.model, trainable=True, device=resolve_device(args.device))
     result = run_sft(loaded.model, loaded.tokenizer, examples, schema, steps=args.steps, batch_size=args.batch_size,
                      lr=args.lr, warmup_steps=args.warmup, seed=args.seed, progress=not args.no_progress,
+                     logits_chunk=args.logits_chunk,
                      eval_fn=eval_fn, eval_every=args.eval_every if eval_fn else 0, stop_at=args.stop_at)
     loaded.model.save_pretrained(args.out, safe_serialization=True)
     loaded.tokenizer.save_pretrained(args.out)
@@ -93,6 +99,7 @@ def cmd_data(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from opd.backends.devices import resolve_device
     from opd.backends.hf import load_model
     from opd.eval.evaluate import evaluate
     from opd.tasks.data import load_jsonl
@@ -103,9 +110,10 @@ def cmd_eval(args) -> None:
         raise OpdError("--batch-size and --max-new-tokens must be positive")
     examples = load_jsonl(args.data)[: args.limit or None]
     verifier = make_verifier(args.verifier)
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
     result = evaluate(loaded.model, loaded.tokenizer, examples, PromptSchema.from_spec(args.prompt_schema), verifier,
-                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=not args.json)
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=not args.json,
+                      kv_cache_gib=args.kv_cache_gib)
     if args.json:
         print(json.dumps({"accuracy": result.accuracy, "n": result.n, "ci95": list(result.interval95()),
                           "model": args.model}))
@@ -122,11 +130,38 @@ def cmd_distill(args) -> None:
     from opd.cli.summary import print_distill_summary
 
     cfg = load_config(args.config, args.set or [])
-    summary = distill(cfg, resume=args.resume, progress=not args.no_progress, argv=sys.argv)
+    skip = {"preflight": False} if args.no_preflight else {}  # distill runs the preflight by default
+    summary = distill(cfg, resume=args.resume, progress=not args.no_progress, argv=sys.argv, **skip)
     print_distill_summary(cfg.out)
     if args.json:  # summary.json as written (with the checklist), for scripts
         path = Path(cfg.out) / "summary.json"
         print(json.dumps(json.loads(path.read_text()) if path.exists() else summary, default=str))
+
+
+def cmd_preflight(args) -> None:
+    """The checks `opd distill` runs before step 1, on a run built in a temporary directory (so a later
+    `opd distill` of the same config starts fresh); the report on stdout, or on stderr with --json."""
+    import tempfile
+
+    from opd.config import load_config
+    from opd.preflight import preflight
+    from opd.run import build_run
+
+    if args.prompts <= 0:
+        raise OpdError("--prompts must be positive")
+    cfg = load_config(args.config, args.set or [])
+    cfg.logging.tensorboard = cfg.logging.wandb = False  # a check, not a run: nothing to mirror
+    with tempfile.TemporaryDirectory(prefix="opd-preflight-") as tmp:
+        cfg.out = tmp
+        run, _ = build_run(cfg, resume=False)
+        try:
+            found = preflight(run, self_test=args.self_test, n=args.prompts,
+                              out=sys.stderr if args.json else sys.stdout)
+        finally:
+            if run.workers is not None:
+                run.workers.close()
+    if args.json:
+        print(json.dumps(found, default=str))
 
 
 def cmd_config(args) -> None:
@@ -226,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations (with --eval)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="for --eval: greedy answer budget in tokens")
     p.add_argument("--stop-at", type=float, default=None, help="stop once eval accuracy reaches this (needs --eval)")
+    p.add_argument("--device", default="auto", help="auto (the first CUDA GPU, else the CPU) | cpu | cuda | cuda:N")
+    p.add_argument("--logits-chunk", type=int, default=0,
+                   help="logits per chunk of the loss (memory does not grow with batch x length x vocabulary); "
+                        "0 = the default, 4,194,304")
+    p.add_argument("--kv-cache-gib", type=float, default=8.0, help="for --eval: KV-cache budget per decoding batch")
     p.add_argument("--no-progress", **no_progress)
     p.set_defaults(func=cmd_sft)
 
@@ -244,8 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. train.lr=3e-4 (value parsed as YAML; repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in 'out'")
     p.add_argument("--json", action="store_true", help="also print summary.json as one JSON line at the end")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="skip the checks before step 1 (prompts, special tokens, teacher log-probs; opd preflight)")
     p.add_argument("--no-progress", **no_progress)
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("preflight", help="check a config before distilling: prompts, special tokens, teacher "
+                                         "log-probs (docs/preflight.md)", epilog=CONFIG_HELP)
+    p.add_argument("config", help="YAML config, as for opd distill")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--self-test", action="store_true",
+                   help="also distil the student into a frozen copy of itself for a few steps: the KL must stay ~0")
+    p.add_argument("--prompts", type=int, default=3, help="training prompts checked per teacher")
+    p.add_argument("--json", action="store_true", help="print the findings as one JSON line (report on stderr)")
+    p.set_defaults(func=cmd_preflight)
 
     p = sub.add_parser("config", help="print the fully resolved config as YAML, each key with its comment",
                        epilog=CONFIG_HELP)
@@ -276,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer budget in tokens")
     p.add_argument("--batch-size", type=int, default=256, help="prompts per decoding batch")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N rows only (0 = all)")
+    p.add_argument("--device", default="auto", help="auto (the first CUDA GPU, else the CPU) | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 when stored in 16 bits and native on the device, else float32) | float32 | "
+                        "bfloat16 | float16")
+    p.add_argument("--kv-cache-gib", type=float, default=8.0,
+                   help="KV-cache budget per decoding batch (rows are decoded in groups that fit)")
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     p.set_defaults(func=cmd_eval)
 
@@ -300,9 +358,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _quiet_libraries()
+# -- out of GPU memory ------------------------------------------------------------------------------
+# What to set when a phase runs out of memory, first the phase's own setting. Innermost opd frame wins:
+# a decode inside a training step is the decode's.
+OOM_ADVICE = {
+    "train": "lower train.micro_batch_tokens (training forward/backward)",
+    "decode": "lower rollout.kv_cache_gib (sampling and evaluation decode)",
+    "checkpointing": "set train.gradient_checkpointing: true",
+    "lora": "set student.lora.r, e.g. 16 (LoRA: fewer trainable parameters)",
+    "teacher": "put the teacher on another GPU (teacher.device / teacher.device_map)",
+}
+OOM_PHASES = {"update": "train", "sft_backward": "train", "optimizer_step": "train",
+              "generate": "decode", "_generate": "decode", "evaluate": "decode",
+              "score": "teacher", "hidden": "teacher", "teacher_hidden": "teacher", "auto_precision": "teacher"}
+OOM_WHERE = {"train": " in the training update", "decode": " while decoding", "teacher": " in teacher scoring"}
+# commands configured by flags, not a config file: their own settings
+OOM_FLAGS = {"sft": ["lower --batch-size (rows per step)"], "eval": ["lower --batch-size (prompts per decoding batch)"],
+             "serve-teacher": ["lower --logits-chunk (scoring memory)", "serve with --dtype bfloat16"]}
+OPD_PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def is_oom(exc: BaseException) -> bool:
+    torch = sys.modules.get("torch")  # not imported: nothing ran on a GPU
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def oom_phase(exc: BaseException) -> str | None:
+    """train, decode or teacher: the innermost opd function on the traceback that names a phase."""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if frame.name in OOM_PHASES and Path(frame.filename).resolve().is_relative_to(OPD_PACKAGE):
+            return OOM_PHASES[frame.name]
+    return None
+
+
+def oom_message(exc: BaseException, command: str = "distill") -> str:
+    """One line: where memory ran out, how much was asked for, and the settings that lower it."""
+    phase = oom_phase(exc)
+    order = sorted(OOM_ADVICE, key=lambda k: k != phase)  # the phase's own setting first (a stable sort)
+    advice = OOM_FLAGS.get(command) or [OOM_ADVICE[k] for k in order]
+    size = re.search(r"Tried to allocate ([\d.]+ \w+)", str(exc))
+    asked = f" (tried to allocate {size.group(1)})" if size else ""
+    return f"CUDA out of memory{OOM_WHERE.get(phase, '')}{asked}: {advice[0]}" + \
+        (f"; or {', '.join(advice[1:])}" if advice[1:] else "")
+
+
+def execute(args) -> int:
+    """Run the parsed command; an OpdError or running out of GPU memory is one line on stderr, exit 2."""
     try:
         args.func(args)
     except OpdError as exc:
@@ -310,10 +411,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"opd: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if args.debug or not is_oom(exc):
+            raise
+        print(f"opd: error: {oom_message(exc, args.command)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("opd: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    return execute(args)
 
 
 if __name__ == "__main__":

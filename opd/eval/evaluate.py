@@ -21,17 +21,19 @@ class EvalResult:
 
 
 def evaluate(model, tokenizer, examples, schema, verifier, *, max_new_tokens: int,
-             batch_size: int = 256, progress: bool = False, desc: str = "eval", decode=None) -> EvalResult:
+             batch_size: int = 256, progress: bool = False, desc: str = "eval", decode=None,
+             kv_cache_gib: float | None = None) -> EvalResult:
     """Greedy-decode every example and verify it; a truncated or special-token answer is wrong.
 
     `decode(prompt_ids, examples) -> Batch` replaces the local model (e.g. a teacher that renders its
-    own prompt, or a served one); `model` may then be None."""
+    own prompt, or a served one); `model` may then be None. The local model decodes on its own device,
+    each batch in row groups whose KV cache fits `kv_cache_gib` (None: no bound)."""
     from tqdm.auto import tqdm
 
     if decode is None:
         def decode(prompts, _examples):
             return generate(model, prompts, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                            max_new_tokens=max_new_tokens, greedy=True)
+                            max_new_tokens=max_new_tokens, greedy=True, kv_cache_gib=kv_cache_gib)
     was_training = model is not None and model.training
     if model is not None:
         model.eval()

@@ -12,7 +12,8 @@ from opd.errors import OpdError
 from opd.report.checklist import load_run
 
 # dotted keys (or key prefixes) that differ between any two runs and say nothing about the setup
-IGNORED = ("config.out", "config.logging", "manifest.command", "manifest.versions.platform", "summary.wall_seconds")
+IGNORED = ("config.out", "config.logging", "manifest.command", "manifest.versions.platform", "summary.wall_seconds",
+           "manifest.preflight.seconds")
 HEADLINE = ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after", "gap_closed", "steps",
             "flops", "eval_n", "method", "objective")
 MISSING = "(absent)"

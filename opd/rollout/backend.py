@@ -45,8 +45,12 @@ class RolloutBackend(Protocol):
 class HFBackend:
     """opd's KV-cache sampler (`opd.rollout.sampler.generate`) on a Hugging Face causal LM."""
 
-    def __init__(self, model, eos_id: int, pad_id: int, *, fast: bool = True, version: int = 0):
+    def __init__(self, model, eos_id: int, pad_id: int, *, fast: bool = True, version: int = 0,
+                 vocab_size: int | None = None, kv_cache_gib: float | None = None):
+        """vocab_size: the tokenizer's real ids (a padded embedding's extra rows are never sampled);
+        kv_cache_gib: the KV-cache budget per decode batch (rows are decoded in groups that fit)."""
         self.model, self.eos_id, self.pad_id, self.fast = model, eos_id, pad_id, fast
+        self.vocab_size, self.kv_cache_gib = vocab_size, kv_cache_gib
         self._version = version
 
     @property
@@ -61,7 +65,8 @@ class HFBackend:
         try:
             return generate(self.model, prompts, eos_id=self.eos_id, pad_id=self.pad_id,
                             max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
-                            generator=torch.Generator().manual_seed(seed), uniforms=uniforms, fast=self.fast)
+                            generator=torch.Generator().manual_seed(seed), uniforms=uniforms, fast=self.fast,
+                            vocab_size=self.vocab_size, kv_cache_gib=self.kv_cache_gib)
         finally:
             self.model.train(was_training)
 

@@ -54,7 +54,8 @@ class RolloutProducer:
         elif sampled_by == "teacher":
             batch = self._teacher_samples(prompts, examples, gen)
         else:
-            uniforms = torch.rand(len(prompts), cfg.rollout.max_new_tokens, generator=gen)  # per row: splittable
+            uniforms = torch.rand(len(prompts), cfg.rollout.max_new_tokens, generator=gen,
+                                  dtype=torch.float64)  # per row: splittable; float64 for the CDF
             batch = self.backend.generate(prompts, max_new_tokens=cfg.rollout.max_new_tokens,
                                           temperature=cfg.rollout.temperature, uniforms=uniforms,
                                           seed=cfg.train.seed * 1_000_003 + step)

@@ -14,11 +14,12 @@ import inspect
 import torch
 
 from opd.batch import Batch, completion_logits, concat_batches, left_pad, position_ids  # noqa: F401  (re-exported)
-from opd.rollout.fast_decode import LeanDecoder, supports
+from opd.rollout.fast_decode import LeanDecoder, supports, unwrap
 
 
 def _cache_kwarg(model) -> str:
     """transformers 5.x renamed `past_key_values` to `cache`; accept either."""
+    model = unwrap(model)  # a PeftModel's forward takes **kwargs and passes them on
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -28,16 +29,32 @@ def choose_tokens(logits: torch.Tensor, uniforms: torch.Tensor | None, temperatu
 
     Sampling inverts the CDF with one given uniform per row, so a row's draw depends on its own
     uniform only, not on which other rows share the batch (rollouts split across workers match a
-    single process). `right=True` and u < 1 never select a zero-probability token.
+    single process). The CDF is summed in float64: in float32 the running sum over a 152k vocabulary
+    loses the tail's mass (a token of probability 1e-8 after a cumulative 0.99 would vanish).
+    `right=True` and u < 1 never select a zero-probability token.
     """
     logp = torch.log_softmax(logits.float() / (1.0 if greedy else temperature), dim=-1)
     if greedy:
         tok = logp.argmax(dim=-1)
     else:
-        cdf = logp.exp().cumsum(dim=-1)
-        target = uniforms.clamp(max=1 - 2 ** -20)[:, None] * cdf[:, -1:]
+        cdf = logp.double().exp().cumsum(dim=-1)
+        target = uniforms.to(cdf).clamp(max=1 - 2 ** -40)[:, None] * cdf[:, -1:]
         tok = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logp.shape[-1] - 1)
     return tok, logp.gather(1, tok[:, None]).squeeze(1)
+
+
+def kv_rows(model, width: int, budget_gib: float | None) -> int | None:
+    """How many rows of `width` tokens (prompt + new) fit a KV-cache budget, None = no bound."""
+    first = next(model.parameters(), None)
+    if not budget_gib or first is None or not hasattr(model, "config"):
+        return None
+    cfg = model.config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    elem = first.element_size()
+    per_token = 2 * cfg.num_hidden_layers * kv_heads * head_dim * elem
+    return max(1, int(budget_gib * 2 ** 30 // (per_token * width)))
 
 
 class _HFSteps:
@@ -75,8 +92,8 @@ class _LeanSteps(_HFSteps):
         self.decoder = LeanDecoder(model)
         self.width, self.total = prompt_ids.shape[1], prompt_ids.shape[1] + max_new_tokens
         self.cos, self.sin = self.decoder.rope_tables(int(self.pos.max()) + max_new_tokens)
-        self.valid = torch.cat([prompt_mask.bool(), torch.ones(prompt_mask.shape[0], max_new_tokens, dtype=torch.bool)],
-                               dim=1)
+        self.valid = torch.cat([prompt_mask.bool(), torch.ones(prompt_mask.shape[0], max_new_tokens, dtype=torch.bool,
+                                                                device=prompt_mask.device)], dim=1)
 
     def prefill(self, prompt_ids) -> torch.Tensor:
         logits = super().prefill(prompt_ids)
@@ -99,32 +116,53 @@ class _LeanSteps(_HFSteps):
         self.valid, self.pos = self.valid[index], self.pos[index]
 
 
-@torch.no_grad()  # not inference_mode: the returned ids feed autograd (gather) in the update
 def generate(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
              temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
-             uniforms: torch.Tensor | None = None, fast: bool = True) -> Batch:
+             uniforms: torch.Tensor | None = None, fast: bool = True, vocab_size: int | None = None,
+             kv_cache_gib: float | None = None) -> Batch:
     """Sample (or greedily decode) completions for token-id prompts, with a KV cache.
 
     Randomness: `uniforms` [B, max_new_tokens] (one per row and position), else drawn from
-    `generator`. `fast` uses the lean decode step for Llama-family models (else the model's own
-    forward). A row stops at its EOS; finished rows leave the batch once they are half of it, and
-    decoding ends when every row has finished. Returns the log-prob of each chosen token under
+    `generator`, on the CPU in float64 whatever the model's device, so a row's sample is the same on
+    any device and any split. `fast` uses the lean decode step for Llama-family models (else the
+    model's own forward). `vocab_size`: only ids below it are sampled (the tokenizer's real ids; a
+    model's embedding may be padded past them). Rows are decoded in groups whose KV cache fits
+    `kv_cache_gib`. Returns a CPU Batch with the log-prob of each chosen token under
     softmax(logits / temperature) (the sampling policy), so the loss never has to recompute it.
     """
+    if uniforms is None and not greedy:
+        uniforms = torch.rand(len(prompts), max_new_tokens, generator=generator, dtype=torch.float64)
+    width = max(len(p) for p in prompts) + max_new_tokens
+    group = kv_rows(model, width, kv_cache_gib) or len(prompts)
+    parts = [_generate(model, prompts[lo:lo + group], None if greedy else uniforms[lo:lo + group], eos_id=eos_id,
+                       pad_id=pad_id, max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
+                       fast=fast, vocab_size=vocab_size)
+             for lo in range(0, len(prompts), group)]
+    return concat_batches(parts, pad_id)
+
+
+@torch.no_grad()  # not inference_mode: the returned ids feed autograd (gather) in the update
+def _generate(model, prompts, uniforms, *, eos_id, pad_id, max_new_tokens, temperature, greedy, fast,
+              vocab_size) -> Batch:
+    """One decode batch on the model's device. A row stops at its EOS; finished rows leave the batch
+    once they are half of it, and decoding ends when every row has finished."""
+    first = next(model.parameters(), None)  # a scripted test model may have none: the CPU
+    device = first.device if first is not None else torch.device("cpu")
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     bsz = prompt_ids.shape[0]
-    if uniforms is None and not greedy:
-        uniforms = torch.rand(bsz, max_new_tokens, generator=generator)
-    steps = (_LeanSteps if fast and supports(model) else _HFSteps)(model, prompt_ids, prompt_mask, max_new_tokens)
-    tokens = torch.full((bsz, max_new_tokens), pad_id, dtype=torch.long)
-    logprobs = torch.zeros(bsz, max_new_tokens)
-    written = torch.zeros(bsz, max_new_tokens, dtype=torch.long)
-    rows = torch.arange(bsz)  # the original row of each row still in the decode batch
-    live = torch.ones(bsz, dtype=torch.bool)  # not yet past its EOS
-    logits = steps.prefill(prompt_ids)
+    steps = (_LeanSteps if fast and supports(model) else _HFSteps)(model, prompt_ids.to(device),
+                                                                   prompt_mask.to(device), max_new_tokens)
+    uniforms = uniforms.to(device) if uniforms is not None else None
+    tokens = torch.full((bsz, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(bsz, max_new_tokens, device=device)
+    written = torch.zeros(bsz, max_new_tokens, dtype=torch.long, device=device)
+    rows = torch.arange(bsz, device=device)  # the original row of each row still in the decode batch
+    live = torch.ones(bsz, dtype=torch.bool, device=device)  # not yet past its EOS
+    logits = steps.prefill(prompt_ids.to(device))
     used = 0
     for t in range(max_new_tokens):
-        tok, lp = choose_tokens(logits, None if greedy else uniforms[rows, t], temperature, greedy)
+        tok, lp = choose_tokens(logits[:, :vocab_size] if vocab_size else logits,
+                                None if greedy else uniforms[rows, t], temperature, greedy)
         tok = torch.where(live, tok, pad_id)
         tokens[rows, t], logprobs[rows, t], written[rows, t] = tok, lp * live, live.long()
         used = t + 1
@@ -137,12 +175,12 @@ def generate(model, prompts: list[list[int]], *, eos_id: int, pad_id: int, max_n
             rows, tok, live = rows[index], tok[index], live[index]
             steps.keep(index)
         logits = steps.step(tok, t)
-    truncated = torch.zeros(bsz, dtype=torch.bool)
+    truncated = torch.zeros(bsz, dtype=torch.bool, device=device)
     truncated[rows[live]] = True
     return Batch(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-        completion_ids=tokens[:, :used], completion_mask=written[:, :used],
-        sample_logprobs=logprobs[:, :used], truncated=truncated,
+        completion_ids=tokens[:, :used].cpu(), completion_mask=written[:, :used].cpu(),
+        sample_logprobs=logprobs[:, :used].cpu(), truncated=truncated.cpu(),
     )
 
 

@@ -156,7 +156,8 @@ class RayRolloutBackend:
     def generate(self, prompts, *, max_new_tokens: int, temperature: float = 1.0, greedy: bool = False, seed: int = 0,
                  uniforms: torch.Tensor | None = None) -> Batch:
         if uniforms is None and not greedy:
-            uniforms = torch.rand(len(prompts), max_new_tokens, generator=torch.Generator().manual_seed(seed))
+            uniforms = torch.rand(len(prompts), max_new_tokens, generator=torch.Generator().manual_seed(seed),
+                                  dtype=torch.float64)
         options = dict(eos_id=self.workers.eos_id, pad_id=self.workers.pad_id, greedy=greedy,
                        max_new_tokens=max_new_tokens, temperature=temperature)
         return self.workers.generate(prompts, uniforms, self._version, options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import platform
 import subprocess
@@ -36,11 +37,23 @@ def code_version() -> dict:
 
 
 def model_entry(loaded, revision) -> dict:
-    """The model as loaded; `dtype` is the precision it runs in (a teacher may be cast from its stored one)."""
-    return {"name": loaded.name, "revision": revision, "dtype": str(loaded.model.dtype).removeprefix("torch."),
-            "architecture": type(loaded.model).__name__, "num_params": loaded.num_params,
-            "weights_sha256": loaded.weights_hash or weights_sha256(loaded.model),
+    """The model as loaded; `dtype` is the precision it runs in (a teacher may be cast from its stored one).
+    weights_sha256 is of the safetensors files as stored (`weights_hashed`), else of the tensors in memory."""
+    model = loaded.model
+    return {"name": loaded.name, "revision": revision, "commit": loaded.commit,
+            "dtype": str(model.dtype).removeprefix("torch."), "stored_dtype": loaded.stored_dtype,
+            "device": str(loaded.device), "device_map": _device_map(model),
+            "architecture": type(model).__name__, "num_params": loaded.num_params,
+            "embedding_rows": model.get_input_embeddings().num_embeddings,
+            "weights_sha256": loaded.weights_hash or weights_sha256(model),
+            "weights_hashed": "safetensors files" if loaded.weights_hash else "tensors in memory",
             "tokenizer_sha256": tokenizer_sha256(loaded.tokenizer)}
+
+
+def _device_map(model) -> dict | None:
+    """accelerate's placement of a model spread over devices (None when it sits on one)."""
+    placement = getattr(model, "hf_device_map", None)
+    return {k: str(v) for k, v in placement.items()} if placement and len(set(placement.values())) > 1 else None
 
 
 def build_manifest(cfg, teachers, student, task, method, objective, filters, schema_check, argv=None,
@@ -55,7 +68,11 @@ def build_manifest(cfg, teachers, student, task, method, objective, filters, sch
         "teacher": teachers.teachers[0].describe(),
         "teachers": teachers.describe(),
         "student": {**model_entry(student, cfg.student.revision),
-                    "train_precision": student_precision(cfg.train.precision)},
+                    "train_precision": student_precision(cfg.train.precision, student.device),
+                    "lora": dataclasses.asdict(cfg.student.lora) if cfg.student.lora.r else None,
+                    "trainable_params": sum(p.numel() for p in student.model.parameters() if p.requires_grad),
+                    "gradient_checkpointing": cfg.train.gradient_checkpointing,
+                    "micro_batch_tokens": cfg.train.micro_batch_tokens},
         "tokenizer": {"sha256": tokenizer_sha256(student.tokenizer), "vocab_size": len(student.tokenizer),
                       "eos": student.tokenizer.eos_token, "pad": student.tokenizer.pad_token},
         "task": {**task.describe(),

@@ -68,7 +68,10 @@ class RunDir:
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, step: int, model, tokenizer, trainer_state: dict, keep: int) -> Path:
-        """Write checkpoints/step-N atomically: weights (safetensors) + optimizer/scheduler state."""
+        """Write checkpoints/step-N atomically: weights (safetensors) + optimizer/scheduler state.
+
+        A peft PeftModel writes only its adapter (adapter_config.json + adapter_model.safetensors): a
+        resume loads the base model and this adapter (`is_adapter_checkpoint`)."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         final = self.checkpoints / f"step-{step:07d}"
         tmp = self.checkpoints / f".tmp-step-{step:07d}"
@@ -95,6 +98,11 @@ class RunDir:
         if not ckpts:
             return None
         return int(ckpts[-1].name.split("-")[1]), ckpts[-1]
+
+    @staticmethod
+    def is_adapter_checkpoint(ckpt: Path) -> bool:
+        """True when the checkpoint holds a LoRA adapter only (the base model comes from student.model)."""
+        return (ckpt / "adapter_config.json").exists()
 
     @staticmethod
     def load_trainer_state(ckpt: Path) -> dict:

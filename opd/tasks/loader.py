@@ -34,4 +34,25 @@ def load_task(cfg) -> Task:
         train, held_out = load_jsonl(cfg.train), load_jsonl(cfg.eval)
         source = {"train": str(cfg.train), "eval": str(cfg.eval)}
     return Task(train=train, eval=held_out, verifier=make_verifier(cfg.verifier),
-                schema=PromptSchema.from_spec(cfg.prompt_schema), source=source)
+                schema=student_schema(cfg), source=source)
+
+
+def student_schema(cfg) -> PromptSchema:
+    """`task.prompt_schema`, a chat schema rendered with `task.chat_template_kwargs` unless it sets its own."""
+    schema = PromptSchema.from_spec(cfg.prompt_schema, cfg.chat_template_kwargs)
+    teacher = cfg.teacher_prompt_schema
+    if cfg.chat_template_kwargs and schema.kind != "chat" and not (teacher and _is_chat(teacher)):
+        raise OpdError("task.chat_template_kwargs is only used by a chat prompt schema, and task.prompt_schema "
+                       f"is {cfg.prompt_schema!r}: set task.prompt_schema: chat or drop the kwargs")
+    return schema
+
+
+def teacher_schema(spec, task_cfg) -> PromptSchema | None:
+    """A teacher's own rendering: its `prompt_schema`, else `task.teacher_prompt_schema`, with the task's
+    chat_template_kwargs like the student's; None = it reads exactly the student's prompt."""
+    chosen = spec.prompt_schema or task_cfg.teacher_prompt_schema
+    return PromptSchema.from_spec(chosen, task_cfg.chat_template_kwargs) if chosen else None
+
+
+def _is_chat(spec) -> bool:
+    return PromptSchema.from_spec(spec).kind == "chat"

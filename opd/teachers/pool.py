@@ -17,6 +17,7 @@ from opd.errors import OpdError
 from opd.objectives.divergences import teacher_topk
 from opd.rollout.prompts import encode_prompts
 from opd.scores import TeacherScores
+from opd.tasks.loader import teacher_schema
 from opd.tasks.schema import PromptSchema
 from opd.teachers.local import LocalTeacher
 from opd.teachers.served import ServedTeacher
@@ -40,10 +41,12 @@ def load_teachers(cfg, student_tok, student_schema) -> list:
                                           eos_id=student_tok.eos_token_id, tokenizer_hash=tokenizer_sha256(student_tok),
                                           vocab_size=len(student_tok)))
             continue
-        schema_spec = spec.prompt_schema or cfg.task.teacher_prompt_schema
         teacher = LocalTeacher(name, spec.model, tasks=spec.tasks, dtype=spec.dtype, revision=spec.revision,
-                               schema=PromptSchema.from_spec(schema_spec) if schema_spec else None,
-                               student_schema=student_schema)
+                               schema=teacher_schema(spec, cfg.task),
+                               student_schema=student_schema, device=spec.device, device_map=spec.device_map,
+                               vocab_size=len(student_tok))
+        teacher.kv_cache_gib, teacher.max_tokens = cfg.rollout.kv_cache_gib, cfg.train.micro_batch_tokens
+        teacher.logits_chunk = cfg.train.logits_chunk or teacher.logits_chunk
         check_same_vocab(teacher.tokenizer, student_tok)
         teachers.append(teacher)
     return teachers

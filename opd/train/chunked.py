@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from opd.backends.lora import unwrap
 from opd.batch import Batch, position_ids
 from opd.scores import FlatTeacher, TeacherScores  # noqa: F401  (re-exported)
 
@@ -28,15 +29,17 @@ def _identity(hidden: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def split_lm(model):
-    """(body, head) of a Hugging Face causal LM, verified on a probe; cached on the model."""
-    cached = getattr(model, "_opd_split", None)
+    """(body, head) of a Hugging Face causal LM (or a peft PeftModel: its LoRA layers stay in place),
+    verified on a probe; cached on the model."""
+    cached = vars(model).get("_opd_split")  # not getattr: a PeftModel would find its base model's
     if cached is not None:
         return cached
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    body = getattr(model, "model", None)
+    lm = unwrap(model)  # a PeftModel's `.model` is the whole causal LM, not its body
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    body = getattr(lm, "model", None)
     split = (None, _identity)
     if head is not None and body is not None:
-        probe = torch.arange(4).remainder(model.config.vocab_size)[None]
+        probe = torch.arange(4, device=next(lm.parameters()).device).remainder(lm.config.vocab_size)[None]
         was_training = model.training
         model.eval()
         try:
@@ -70,7 +73,7 @@ def chunk_ranges(n_tokens: int, vocab: int, chunk_elements: int = DEFAULT_CHUNK_
 def token_logprobs_chunked(head, hidden: torch.Tensor, token_ids: torch.Tensor, vocab: int,
                            chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
     """log p(token) [N] from hidden [N, H] and ids [N], one chunk of logits at a time."""
-    out = torch.empty(token_ids.shape[0])
+    out = torch.empty(token_ids.shape[0], device=hidden.device)
     for lo, hi in chunk_ranges(token_ids.shape[0], vocab, chunk_elements):
         logp = torch.log_softmax(head(hidden[lo:hi]).float(), dim=-1)
         out[lo:hi] = logp.gather(-1, token_ids[lo:hi, None]).squeeze(-1)

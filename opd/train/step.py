@@ -15,7 +15,7 @@ from opd.objectives.divergences import per_token_reverse_kl
 from opd.objectives.offpolicy import prefix_weights
 from opd.objectives.sampled import k3
 from opd.objectives.select import IS_CLIP, token_logprobs
-from opd.scores import TeacherScores
+from opd.scores import TeacherScores, limit_vocab
 from opd.train.chunked import DEFAULT_CHUNK_ELEMENTS, chunk_ranges, completion_hidden, split_lm
 from opd.train.optim import optimizer_step
 
@@ -46,33 +46,46 @@ def weighted_rows(objective, sources: list[str], lag: int, rollout_temperature: 
     return stale | ~student | (student & other_temperature)
 
 
+def micro_batches(rows: int, width: int, max_rows: int, max_tokens: int) -> list[slice]:
+    """Row slices of at most max_rows rows (0 = all) and max_tokens padded tokens (0 = no budget); a row
+    wider than the token budget is a micro-batch of its own."""
+    per = min(max_rows or rows, max(1, max_tokens // max(width, 1)) if max_tokens else rows)
+    return [slice(lo, lo + per) for lo in range(0, rows, per)]
+
+
 def update(student, optimizer, scheduler, method, objective, batch: Batch, cfg, *,
            scores: TeacherScores | None = None, advantages: torch.Tensor | None = None,
-           weighted: torch.Tensor | None = None, rollout_temperature: float = 1.0) -> dict:
+           weighted: torch.Tensor | None = None, rollout_temperature: float = 1.0,
+           vocab_size: int | None = None) -> dict:
     """One optimizer step on `batch` (the kept rows); returns its statistics.
 
     Every loss is a sum over completion tokens divided by the token count of the whole batch, so
     neither micro-batches (gradient accumulation) nor token chunks change the loss or the gradient.
     The student's body runs once per micro-batch; its head, the teacher's head and the loss run per
     chunk of at most `cfg.logits_chunk` logits, with the chunk's gradient handed back to the body.
-    `weighted` [B] marks rows that get importance weights (see `weighted_rows`).
+    `weighted` [B] marks rows that get importance weights (see `weighted_rows`). Micro-batches hold at
+    most `cfg.micro_batch_size` rows and `cfg.micro_batch_tokens` tokens. `vocab_size`: the
+    tokenizer's real ids; both models' distributions are compared over those (padded embeddings).
+    The batch and the scores may live on the CPU: each tensor moves to the student's device here.
     """
     assert batch.completion_mask.shape == batch.completion_ids.shape
+    device = next(student.parameters()).device
+    batch = batch.to(device)
     n_tokens = max(int(batch.completion_mask.sum()), 1)
     rows = batch.prompt_ids.shape[0]
-    micro = cfg.micro_batch_size or rows
+    width = batch.prompt_ids.shape[1] + batch.completion_ids.shape[1]
     chunk_elements = cfg.logits_chunk or DEFAULT_CHUNK_ELEMENTS
     # bf16 autocast for the student's matmuls (weights, gradients, optimizer and the loss stay float32)
-    autocast = torch.autocast(student.device.type, dtype=torch.bfloat16,
-                              enabled=student_precision(cfg.precision) == "bfloat16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=student_precision(cfg.precision, device) == "bfloat16")
     _, head = split_lm(student)
-    vocab = student.config.vocab_size
+    head = limit_vocab(head, vocab_size)
+    vocab = vocab_size or student.config.vocab_size
     # the exact reverse KL at temperature 1, unweighted, is its own per-token KL metric: no second pass
     loss_is_kl = (method.uses_teacher and objective.name == "reverse_kl" and objective.temperature == 1.0
                   and (weighted is None or not weighted.any()))
     total_loss, kl_sum, teacher_lp_sum = 0.0, 0.0, 0.0
-    for lo in range(0, rows, micro):
-        part = slice(lo, lo + micro)
+    for part in micro_batches(rows, width, cfg.micro_batch_size, cfg.micro_batch_tokens):
         sub = batch.rows(part)
         sel = sub.completion_mask.bool()
         n = int(sel.sum())
@@ -84,18 +97,19 @@ def update(student, optimizer, scheduler, method, objective, batch: Batch, cfg, 
         ids = sub.completion_ids[sel][:, None]  # each token is a row of length 1: [n, 1]
         chunks = chunk_ranges(n, vocab, chunk_elements)
         flat = scores.rows(part).flat(sel) if scores is not None else None
-        adv = advantages[part][:, None].expand(sel.shape)[sel] if advantages is not None else None
+        adv = advantages[part].to(device)[:, None].expand(sel.shape)[sel] if advantages is not None else None
         weights = None
         if weighted is not None and weighted[part].any():
-            weights = _importance_weights(head, leaf, ids, sub, sel, weighted[part], chunks, autocast, objective,
-                                          rollout_temperature)
+            weights = _importance_weights(head, leaf, ids, sub, sel, weighted[part].to(device), chunks, autocast,
+                                          objective, rollout_temperature)
         for a, b in chunks:
             with autocast:
                 s_logits = head(leaf[a:b])
+            topk = flat.topk(a, b) if flat is not None else None
             chunk = Chunk(student_logits=s_logits.float()[:, None], ids=ids[a:b], normalizer=n_tokens,
-                          teacher_logits=flat.logits(a, b)[:, None] if flat is not None and flat.heads else None,
-                          teacher_topk=flat.topk(a, b) if flat is not None else None,
-                          teacher_logprobs=flat.logprobs[a:b, None] if flat is not None else None,
+                          teacher_logits=flat.logits(a, b, device)[:, None] if flat is not None and flat.heads else None,
+                          teacher_topk=tuple(t.to(device) for t in topk) if topk is not None else None,
+                          teacher_logprobs=flat.logprobs[a:b, None].to(device) if flat is not None else None,
                           advantages=adv[a:b] if adv is not None else None,
                           weights=weights[a:b, None] if weights is not None else None)
             loss = method.loss(chunk, objective)
@@ -124,8 +138,8 @@ def _importance_weights(head, leaf, ids, sub: Batch, sel, weighted, chunks, auto
                         rollout_temperature) -> torch.Tensor:
     """Flat [n] weights of one micro-batch's tokens (1 on rows not in `weighted`): the current student's
     log-probs of every sampled token (a head pass without gradient), then opd/objectives/offpolicy.py."""
-    prefix, token = torch.zeros(sel.shape), torch.zeros(sel.shape)
-    flat_prefix, flat_token = torch.empty(ids.shape[0]), torch.empty(ids.shape[0])
+    prefix, token = torch.zeros(sel.shape, device=sel.device), torch.zeros(sel.shape, device=sel.device)
+    flat_prefix, flat_token = torch.empty(ids.shape[0], device=sel.device), torch.empty(ids.shape[0], device=sel.device)
     for a, b in chunks:
         with autocast:
             logits = head(leaf[a:b]).float()[:, None]

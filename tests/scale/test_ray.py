@@ -35,7 +35,8 @@ def test_distill_on_local_ray_matches_the_single_process_run(task_and_models):
                                                  "scale.rollout_workers=2", "scale.teacher_workers=1"]),
                      progress=False)
     assert not ray.is_initialized()  # the run shut down the Ray it started
-    assert scaled["scale"]["rollout_batches"] == 6 and scaled["scale"]["teacher_passes"] == 6
+    # + the preflight's two teacher passes (its greedy answers, the student's samples) before step 1
+    assert scaled["scale"]["rollout_batches"] == 6 and scaled["scale"]["teacher_passes"] == 6 + 2
     assert scaled["scale"]["weight_pushes"] == 6  # new weights before every step's sampling
     a, b = _metrics(root / "single"), _metrics(root / "ray")
     assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, 7))
