@@ -21,7 +21,7 @@ from opd.objectives.select import make_objective
 from opd.rollout.backend import HFBackend, RolloutBackend
 from opd.rollout.filters import build_filters
 from opd.rollout.producer import RolloutProducer
-from opd.rollout.prompts import encode_answers, encode_prompts
+from opd.rollout.prompts import check_turn_end, encode_answers, encode_prompts
 from opd.store.rundir import RunDir
 from opd.store.samples import SampleStore
 from opd.store.tracking import Tracker
@@ -108,6 +108,7 @@ def build_run(cfg: DistillConfig, resume: bool) -> tuple[Run, tuple | None]:
     task = load_task(cfg.task)
     student = load_student(cfg, ckpt[1] if ckpt else None)
     tok = student.tokenizer
+    check_turn_end(task.schema, tok)  # a chat turn must end in EOS, or rollouts run past every answer
     teachers = TeacherPool(load_teachers(cfg, tok, task.schema), task.schema, tok)
     schema_check = teachers.check_schemas(task.train, cfg.task.allow_schema_mismatch)
     teachers.prepare(task.train)  # dtype auto: bf16 where native and accurate; served: tokenizer, top-k
