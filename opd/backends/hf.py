@@ -6,10 +6,11 @@ Everything downstream treats a folder written by `init_model` exactly like a hub
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from opd.backends.devices import model_device, native_bf16  # noqa: F401  (re-exported)
@@ -118,9 +119,17 @@ class LoadedModel:
     model: object
     tokenizer: object
     name: str
-    weights_hash: str | None = None  # sha256 of the safetensors files (streamed), None for an in-memory model
+    files: list = field(default_factory=list)  # the safetensors files it was loaded from
     stored_dtype: str | None = None  # the dtype of the weights as stored
     commit: str | None = None  # a hub model's commit hash
+
+    @functools.cached_property
+    def weights_hash(self) -> str | None:
+        """sha256 of the safetensors files (streamed), None for an in-memory model. Computed when the
+        manifest asks, not at every load: reading an 8B teacher's 16 GB takes a while."""
+        from opd.backends.weights import files_sha256
+
+        return files_sha256(self.files)
 
     @property
     def num_params(self) -> int:
@@ -145,7 +154,7 @@ def load_model(name_or_path: str, dtype: str = "float32", revision: str | None =
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from opd.backends.weights import files_sha256, model_folder, safetensors_files, stored_dtype
+    from opd.backends.weights import model_folder, safetensors_files, stored_dtype
 
     device = torch.device(device)
     files = safetensors_files(model_folder(source, revision))
@@ -170,7 +179,7 @@ def load_model(name_or_path: str, dtype: str = "float32", revision: str | None =
     model.train(trainable)
     model.requires_grad_(trainable)
     files = files or safetensors_files(model_folder(source, revision))  # a hub model is cached only now
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path, weights_hash=files_sha256(files),
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path, files=files,
                        stored_dtype=stored or stored_dtype(files),
                        commit=None if path is not None else getattr(model.config, "_commit_hash", None))
 
