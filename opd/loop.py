@@ -32,6 +32,7 @@ from opd.store.manifest import build_manifest
 from opd.store.rundir import read_jsonl
 from opd.store.samples import eval_rows
 from opd.train.step import update, weighted_rows
+from opd.world import World
 from opd.backends.lora import save_student
 
 
@@ -39,13 +40,25 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
             schedule: Schedule | None = None, preflight: bool = True) -> dict:
     """Run on-policy distillation (or another method) as configured; returns summary.json's content.
     `schedule` (opd compare) decides when to evaluate and stop; default: train.steps / train.eval_every.
-    `preflight`: check prompts, special tokens and the teacher's log-probs before step 1 (docs/preflight.md)."""
-    from tqdm.auto import tqdm
-
+    `preflight`: check prompts, special tokens and the teacher's log-probs before step 1 (docs/preflight.md).
+    Launched by torchrun, each rank runs this; rank 0 writes the run and returns the summary (docs/distributed.md)."""
     wall_start = time.time()
     schedule = schedule or Schedule.from_train(cfg.train)
-    run, ckpt = build_run(cfg, resume)
-    state = resume_from(run, ckpt) if ckpt else start(run, resume, argv, progress, preflight)
+    world = World.from_env()  # torchrun's ranks (opd/world.py), or this process alone
+    progress = progress and world.main
+    try:
+        run, ckpt = build_run(cfg, resume, world)
+        state = resume_from(run, ckpt) if ckpt else start(run, resume, argv, progress, preflight)
+        return train(run, state, schedule, progress, wall_start)
+    finally:
+        world.close()
+
+
+def train(run: Run, state: State, schedule: Schedule, progress: bool, wall_start: float) -> dict:
+    """Step until the schedule stops, evaluating and checkpointing on the way; then finish."""
+    from tqdm.auto import tqdm
+
+    cfg = run.cfg
     bar = tqdm(total=schedule.steps, initial=state.step, desc=run.method.name, disable=not progress)
     try:
         while state.step < schedule.steps:
@@ -74,19 +87,23 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
 def start(run: Run, resume: bool, argv, progress: bool, preflight: bool = True) -> State:
     """A new run (or --resume with no checkpoint yet): config, preflight, manifest, step-0 evaluation."""
     if resume:  # start over, dropping whatever the interrupted run logged
-        print(f"opd: {run.dir.root} has no checkpoint yet: starting it from step 0", file=sys.stderr)
+        if run.world.main:
+            print(f"opd: {run.dir.root} has no checkpoint yet: starting it from step 0", file=sys.stderr)
         run.dir.truncate_after(-1)
         run.samples.truncate_after(-1)
-    cfg = run.cfg
-    save_config(cfg, run.dir.root / "config.yaml")
+    cfg, world = run.cfg, run.world
+    if world.main:
+        save_config(cfg, run.dir.root / "config.yaml")
     checks = None
-    if preflight:  # quiet runs (opd compare, tests) print only the warnings
-        checks = check_before_start(run, out=sys.stderr if progress else io.StringIO())
-        for warning in checks["warnings"] if not progress else []:
+    if preflight:  # quiet runs (opd compare, tests) print only the warnings; rank 0 checks for every rank
+        checks = world.on_main(lambda: check_before_start(run, out=sys.stderr if progress else io.StringIO()))
+        for warning in checks["warnings"] if not progress and world.main else []:
             print(f"opd: warning: {warning}", file=sys.stderr)
-    run.dir.write_json("manifest.json", {**build_manifest(
-        cfg, run.teachers, run.student, run.task, run.method, run.objective, run.filters, run.schema_check, argv,
-        backend=type(run.backend).__name__), "preflight": checks})
+    distributed = world.describe()  # a collective: every rank takes part
+    if world.main:
+        run.dir.write_json("manifest.json", {**build_manifest(
+            cfg, run.teachers, run.student, run.task, run.method, run.objective, run.filters, run.schema_check,
+            argv, backend=type(run.backend).__name__), "preflight": checks, "distributed": distributed})
     state = State()
     state.teacher_accuracy = run.evaluate_teachers(progress)
     result = run.evaluate_student("eval student", progress)
@@ -110,13 +127,21 @@ def resume_from(run: Run, ckpt) -> State:
     state = State(step=step, flops=saved.get("flops", 0.0), teacher_accuracy=before["teacher_accuracy"],
                   student_before=before["accuracy"], eval_n=before["n"], last_checkpoint=step)
     state.below_start = saved.get("below_start", 0)
-    print(f"opd: resuming {run.dir.root} from step {step} ({path})", file=sys.stderr)
+    ranks = saved.get("world_size", 1)
+    if ranks != run.world.size and run.world.main:  # the same rows and update; only float rounding differs
+        print(f"opd: warning: the checkpoint was written by {ranks} rank(s), this job has {run.world.size}: the "
+              f"rollouts and updates are the same, sums may differ in rounding (exact resume needs {ranks})",
+              file=sys.stderr)
+    if run.world.main:
+        print(f"opd: resuming {run.dir.root} from step {step} ({path})", file=sys.stderr)
     return state
 
 
 def train_step(run: Run, state: State, step: int) -> dict:
-    """sample -> score -> filter -> update -> log, for one step; returns the metrics record."""
-    cfg, method = run.cfg, run.method
+    """sample -> score -> filter -> update -> log, for one step; returns the metrics record.
+    Distributed (opd/world.py): each rank samples, scores and trains its share of the rows; filters,
+    metrics and the store see the whole step's rows; the update is normalised by the global token count."""
+    cfg, method, world = run.cfg, run.method, run.world
     torch.manual_seed(cfg.train.seed * 1_000_003 + step)  # dropout, if the model has any
     run.student.model.train()
     t0 = time.perf_counter()
@@ -129,40 +154,45 @@ def train_step(run: Run, state: State, step: int) -> dict:
     t2 = time.perf_counter()
     views = rollout_views(batch, run.tokenizer, examples, run.task.verifier,                    # filter
                           scores.logprobs if scores is not None else None)
-    reasons = run.filters.apply(views)
-    run.samples.add_rollouts(store_rows(step, rollouts.policy_version, batch, examples, views, reasons, names,
-                                        rollouts.sources))
+    everyone = world.gather(views)  # rules such as dedupe judge the whole step's batch, on every rank
+    reasons = run.filters.apply(everyone)[world.share(len(everyone))]
+    rows = world.gather(store_rows(step, rollouts.policy_version, batch, examples, views, reasons, names,
+                                   rollouts.sources))  # the step's rows, in single-process order
+    run.samples.add_rollouts(rows)
     rewards = torch.tensor([float(v.correct) for v in views])
     advantages = reward_advantages(rewards, rollouts.sources, cfg.rollout.samples_per_prompt) \
         if method.uses_reward else None
     keep = method.trainable(torch.tensor([r is None for r in reasons]), advantages)
+    kept, = world.sum(keep.sum())
     lr = run.scheduler.get_last_lr()[0]  # the rate this step's update uses
-    if keep.any():                                                                              # update
+    if kept:                                                                                    # update
         weighted = weighted_rows(run.objective, rollouts.sources, lag, cfg.rollout.temperature) \
             if method.uses_teacher else None
         stats = update(run.student.model, run.optimizer, run.scheduler, method, run.objective, batch.rows(keep),
                        cfg.train, scores=scores.rows(keep) if scores is not None else None,
                        advantages=advantages[keep] if advantages is not None else None,
                        weighted=weighted[keep] if weighted is not None else None,
-                       rollout_temperature=cfg.rollout.temperature, vocab_size=len(run.tokenizer))
+                       rollout_temperature=cfg.rollout.temperature, vocab_size=len(run.tokenizer), world=world)
     else:  # every rollout rejected (or no learning signal): nothing to learn from, not a numeric failure
         stats = {"loss": 0.0, "grad_norm": 0.0, "update_applied": False}
         run.scheduler.step()  # the schedule counts steps, trained or not
     t3 = time.perf_counter()
-    state.flops += step_flops(run.shapes, batch, rollouts.sources, names, generated=rollouts.sampled_by != "traces",
-                              scored=scores is not None, trained=keep if keep.any() else None)
+    flops, = world.sum(step_flops(run.shapes, batch, rollouts.sources, names, scored=scores is not None,
+                                  generated=rollouts.sampled_by != "traces", trained=keep if keep.any() else None))
+    state.flops += flops
     state.step = step
-    c_lens = batch.completion_lengths().tolist()
+    c_lens = [len(r["completion_ids"]) for r in rows]
     record = {"step": step, **stats, "lr": lr, "flops": state.flops, "sampled_by": rollouts.sampled_by,
-              "policy_lag": lag, "train_reward": float(rewards.mean()), "anchors": rollouts.sources.count("anchor"),
-              "kept": int(keep.sum()), **per_teacher_logprob(views, names),
-              **{f"reject/{k}": n for k, n in run.filters.reject_counts(reasons).items()},
-              "completion_len": sum(c_lens) / len(c_lens), "truncated_frac": float(batch.truncated.float().mean()),
+              "policy_lag": lag, "train_reward": sum(r["correct"] for r in rows) / len(rows),
+              "anchors": sum(r["source"] == "anchor" for r in rows), "kept": int(kept),
+              **per_teacher_logprob(rows),
+              **{f"reject/{k}": n for k, n in run.filters.reject_counts([r["reject_rule"] for r in rows]).items()},
+              "completion_len": sum(c_lens) / len(c_lens), "truncated_frac": sum(r["truncated"] for r in rows) / len(rows),
               "tokens_per_s": sum(c_lens) / (t3 - t0),
               "time_sample_s": t1 - t0, "time_score_s": t2 - t1, "time_update_s": t3 - t2}
     run.dir.log_metrics(record)                                                                 # log
     run.tracker.log(step, record)
-    state.nonfinite_streak = 0 if stats["update_applied"] or not keep.any() else state.nonfinite_streak + 1
+    state.nonfinite_streak = 0 if stats["update_applied"] or not kept else state.nonfinite_streak + 1
     if state.nonfinite_streak >= cfg.train.max_nonfinite:
         raise OpdError(f"aborting at step {step}: {state.nonfinite_streak} consecutive non-finite losses/gradients "
                        f"(updates skipped; see {run.dir.metrics_path}); lower train.lr or check the teacher")
@@ -184,7 +214,7 @@ def evaluate_step(run: Run, state: State, step: int, progress: bool) -> float:
     # below the start by more than its interval: the Wilson upper bound is under the starting accuracy
     below = wilson(result.accuracy, result.n)[1] < state.student_before
     state.below_start = state.below_start + 1 if below else 0
-    if state.below_start == 2:
+    if state.below_start == 2 and run.world.main:
         state.regressed_at.append(step)
         what = "stopping (train.stop_on_regression)" if run.cfg.train.stop_on_regression else \
             "continuing; set train.stop_on_regression: true to stop here"
@@ -202,6 +232,7 @@ def checkpoint(run: Run, state: State) -> None:
     run.samples.flush(state.step)  # before the checkpoint: a resume from it redoes later rows exactly once
     run.dir.save_checkpoint(state.step, run.student.model, run.tokenizer,
                             {"step": state.step, "flops": state.flops, "below_start": state.below_start,
+                             "world_size": run.world.size,
                              "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()},
                             keep=run.cfg.train.keep_checkpoints)
     state.last_checkpoint = state.step
@@ -217,14 +248,17 @@ def interrupted(run: Run, state: State) -> None:
         state.step = resumable
         checkpoint(run, state)
     where = f"step {state.last_checkpoint}" if state.last_checkpoint else "nothing to keep (no step finished)"
-    print(f"\nopd: interrupted; checkpoint at {where} in {run.dir.checkpoints}; continue with "
-          f"`opd distill CONFIG --resume`", file=sys.stderr)
+    if run.world.main:
+        print(f"\nopd: interrupted; checkpoint at {where} in {run.dir.checkpoints}; continue with "
+              f"`opd distill CONFIG --resume`", file=sys.stderr)
 
 
 def finish(run: Run, state: State, wall_start: float) -> dict:
     """Close workers, write the store, the student, summary.json and the report."""
     if run.workers is not None:
         run.workers.close()
+    if not run.world.main:  # rank 0 writes the store, the student, the summary and the report
+        return {}
     final = read_jsonl(run.dir.eval_path)[-1]
     run.samples.flush(final["step"])
     out = run.dir.root / "student"  # a plain model folder (LoRA: merged), + the adapter in student-adapter/

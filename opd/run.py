@@ -14,7 +14,7 @@ from opd.backends.devices import resolve_device
 from opd.backends.hf import load_model
 from opd.config import DistillConfig, to_dict
 from opd.errors import OpdError
-from opd.eval.evaluate import evaluate
+from opd.eval.evaluate import EvalResult, evaluate
 from opd.flops import ModelShape
 from opd.methods import make_method
 from opd.objectives.select import make_objective
@@ -30,6 +30,7 @@ from opd.tasks.loader import load_task
 from opd.teachers import LocalTeacher, TeacherPool, load_teachers
 from opd.train.optim import make_optimizer
 from opd.train.step import student_precision
+from opd.world import World
 
 SAMPLED_LR = 1e-4  # docs/objectives.md: the sampled-token estimator made students worse at 1e-3, better at 1e-4
 
@@ -69,16 +70,24 @@ class Run:
     eval_set: list
     schema_check: dict
     workers: object = None  # RayWorkers, when scale: is set
+    world: World = field(default_factory=World)  # the ranks of a torchrun job (one process: World())
 
     @property
     def tokenizer(self):
         return self.student.tokenizer
 
     def evaluate_student(self, desc: str, progress: bool):
+        """Greedy held-out accuracy: each rank answers its share of the eval set, the records gathered."""
         cfg = self.cfg
-        return evaluate(self.student.model, self.tokenizer, self.eval_set, self.task.schema, self.task.verifier,
-                        max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                        batch_size=cfg.eval.batch_size, progress=progress, desc=desc)
+        mine = self.eval_set[self.world.share(len(self.eval_set))]
+        result = evaluate(self.student.model, self.tokenizer, mine, self.task.schema, self.task.verifier,
+                          max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                          batch_size=cfg.eval.batch_size, progress=progress, desc=desc)
+        return self._gathered(result)
+
+    def _gathered(self, result: EvalResult) -> EvalResult:
+        records = self.world.gather(result.records)
+        return EvalResult(sum(r["correct"] for r in records) / max(len(records), 1), len(records), records)
 
     def evaluate_teachers(self, progress: bool) -> float | None:
         """Each held-out prompt answered greedily by the teacher of its task tag; None if one cannot decode."""
@@ -87,23 +96,27 @@ class Run:
         for t, rows in self.teachers.split(self.eval_set):
             def decode(prompts, examples, t=t):
                 return t.generate(prompts, examples, max_new_tokens=tokens, greedy=True)
+            mine = [self.eval_set[i] for i in rows][self.world.share(len(rows))]
             try:
-                result = evaluate(None, self.tokenizer, [self.eval_set[i] for i in rows], self.task.schema,
+                result = evaluate(None, self.tokenizer, mine, self.task.schema,
                                   self.task.verifier, max_new_tokens=tokens, batch_size=cfg.eval.batch_size,
                                   progress=progress, desc=f"eval {t.name}", decode=decode)
             except OpdError as exc:  # e.g. a served teacher without a generation endpoint
                 print(f"opd: teacher {t.name} not evaluated: {exc}", file=sys.stderr)
-                return None
-            correct += result.accuracy * len(rows)
+                return None  # the same on every rank: a teacher that cannot decode fails on all
+            correct += self._gathered(result).accuracy * len(rows)
         return correct / len(self.eval_set)
 
 
-def build_run(cfg: DistillConfig, resume: bool) -> tuple[Run, tuple | None]:
-    """Load and check everything; returns the run and the checkpoint to resume from (step, path) or None."""
-    run_dir = RunDir(cfg.out)
+def build_run(cfg: DistillConfig, resume: bool, world: World | None = None) -> tuple[Run, tuple | None]:
+    """Load and check everything; returns the run and the checkpoint to resume from (step, path) or None.
+    `world`: the ranks of a distributed job; rank 0 writes the run directory, every rank reads it."""
+    world = world or World()
+    check_split(cfg, world.size)
+    run_dir = RunDir(cfg.out, writes=world.main)
     if resume and not run_dir.root.exists():
         raise OpdError(f"--resume: no run at {run_dir.root} (nothing to resume; drop --resume to start it)")
-    run_dir.create(resume)
+    world.on_main(lambda: run_dir.create(resume))
     ckpt = run_dir.latest_checkpoint() if resume else None
     task = load_task(cfg.task)
     student = load_student(cfg, ckpt[1] if ckpt else None)
@@ -132,18 +145,40 @@ def build_run(cfg: DistillConfig, resume: bool) -> tuple[Run, tuple | None]:
     producer = RolloutProducer(
         cfg, method, backend, teachers, tok, pool, encode_prompts(pool, task.schema, tok),
         answers=encode_answers(traces, tok) if traces else None, anchors=anchors,
-        anchor_ids=(encode_prompts(anchors, task.schema, tok), encode_answers(anchors, tok)) if anchors else None)
+        anchor_ids=(encode_prompts(anchors, task.schema, tok), encode_answers(anchors, tok)) if anchors else None,
+        world=world)
     optimizer, scheduler = make_optimizer(student.model, cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps,
                                           master_weights=student_precision(cfg.train.precision,
                                                                            student.device) == "bfloat16_weights")
     shapes = {"student": ModelShape.of(student.model),
               **{t.name: ModelShape.of(t.model) for t in teachers.teachers if isinstance(t, LocalTeacher)}}
-    run = Run(cfg, run_dir, Tracker(run_dir.root, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
-                                    config=to_dict(cfg)),
-              task, student, teachers, method, objective, build_filters(cfg.filters), SampleStore(run_dir.root),
-              producer, backend, optimizer, scheduler, shapes,
-              task.eval[:cfg.eval.limit] if cfg.eval.limit else task.eval, schema_check, workers)
+    tracker = Tracker(run_dir.root, tensorboard=cfg.logging.tensorboard and world.main,
+                      wandb=cfg.logging.wandb and world.main, config=to_dict(cfg))
+    run = Run(cfg, run_dir, tracker, task, student, teachers, method, objective, build_filters(cfg.filters),
+              SampleStore(run_dir.root, writes=world.main), producer, backend, optimizer, scheduler, shapes,
+              task.eval[:cfg.eval.limit] if cfg.eval.limit else task.eval, schema_check, workers, world)
     return run, ckpt
+
+
+def check_split(cfg: DistillConfig, ranks: int) -> None:
+    """Refuse, before any model loads, a step whose rows do not split into equal shares of whole prompt
+    groups (samples_per_prompt rows share a reward baseline) over `ranks` ranks."""
+    if ranks <= 1:
+        return
+    if cfg.scale.ray_address:
+        raise OpdError("scale: (Ray rollout/teacher workers) with several torchrun ranks is not supported: use one "
+                       "or the other (a served teacher works with both; docs/distributed.md)")
+    r = cfg.rollout
+    n_anchor = round(cfg.anchors.fraction * r.batch_size) if cfg.anchors.fraction > 0 else 0
+    rows = (r.batch_size - n_anchor) * r.samples_per_prompt + n_anchor
+    what = f"rollout.batch_size {r.batch_size}" + (f" x samples_per_prompt {r.samples_per_prompt}"
+                                                   if r.samples_per_prompt > 1 else "")
+    if rows < ranks:
+        raise OpdError(f"{what} gives {rows} rows per step: too few for {ranks} ranks (at least one row each)")
+    if rows % ranks or (rows // ranks) % r.samples_per_prompt:
+        unit = ranks * r.samples_per_prompt
+        raise OpdError(f"{what} gives {rows} rows per step, which do not split into equal shares of whole prompt "
+                       f"groups over {ranks} ranks: make the rows per step a multiple of {unit}")
 
 
 def load_student(cfg: DistillConfig, checkpoint=None):

@@ -9,11 +9,12 @@ from opd.errors import OpdError
 
 
 def resolve_device(name: str = "auto"):
-    """`auto` = the first CUDA GPU when there is one, else the CPU; `cuda:N` must exist on this machine."""
+    """`auto` = the current CUDA GPU when there is one (a torchrun rank's own: cuda:LOCAL_RANK, else the
+    first), else the CPU; `cuda:N` must exist on this machine."""
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():

@@ -130,12 +130,21 @@ def cmd_distill(args) -> None:
     from opd.cli.summary import print_distill_summary
 
     cfg = load_config(args.config, args.set or [])
-    skip = {"preflight": False} if args.no_preflight else {}  # distill runs the preflight by default
-    summary = distill(cfg, resume=args.resume, progress=not args.no_progress, argv=sys.argv, **skip)
+    if args.nproc > 1:  # the same job on N local ranks, through torchrun (opd/cli/launch.py)
+        from opd.cli.launch import launch, without_nproc
+        from opd.run import check_split
+
+        check_split(cfg, args.nproc)  # before any rank starts or any model loads
+        launch(without_nproc(args.argv), args.nproc)
+    else:
+        skip = {"preflight": False} if args.no_preflight else {}  # distill runs the preflight by default
+        summary = distill(cfg, resume=args.resume, progress=not args.no_progress, argv=sys.argv, **skip)
+        if os.environ.get("RANK", "0") != "0":  # rank 0 of a torchrun job reports for all
+            return
     print_distill_summary(cfg.out)
     if args.json:  # summary.json as written (with the checklist), for scripts
         path = Path(cfg.out) / "summary.json"
-        print(json.dumps(json.loads(path.read_text()) if path.exists() else summary, default=str))
+        print(json.dumps(json.loads(path.read_text()) if path.exists() else {}, default=str))
 
 
 def cmd_preflight(args) -> None:
@@ -286,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print summary.json as one JSON line at the end")
     p.add_argument("--no-preflight", action="store_true",
                    help="skip the checks before step 1 (prompts, special tokens, teacher log-probs; opd preflight)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel over N local ranks: the same as torchrun --standalone --nproc_per_node N -m "
+                        "opd distill ... (docs/distributed.md)")
     p.add_argument("--no-progress", **no_progress)
     p.set_defaults(func=cmd_distill)
 
@@ -404,17 +416,22 @@ def oom_message(exc: BaseException, command: str = "distill") -> str:
 
 def execute(args) -> int:
     """Run the parsed command; an OpdError or running out of GPU memory is one line on stderr, exit 2."""
+    from opd.cli.launch import rank_prefix, record_failure
+
     try:
         args.func(args)
     except OpdError as exc:
         if args.debug:
             raise
-        print(f"opd: error: {exc}", file=sys.stderr)
+        if not record_failure(str(exc)):  # a rank of `--nproc`: the launcher prints it, naming the rank
+            print(f"opd: {rank_prefix()}error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
         if args.debug or not is_oom(exc):
+            record_failure(f"{type(exc).__name__}: {exc}")
             raise
-        print(f"opd: error: {oom_message(exc, args.command)}", file=sys.stderr)
+        if not record_failure(oom_message(exc, args.command)):
+            print(f"opd: {rank_prefix()}error: {oom_message(exc, args.command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("opd: interrupted", file=sys.stderr)
@@ -424,6 +441,7 @@ def execute(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed: `--nproc` relaunches it per rank
     _quiet_libraries()
     return execute(args)
 

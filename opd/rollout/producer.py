@@ -14,6 +14,7 @@ import random
 import torch
 
 from opd.batch import Rollouts, concat_batches, make_sft_batch
+from opd.world import World
 
 
 def step_rng(seed: int, step: int) -> tuple[random.Random, torch.Generator]:
@@ -23,12 +24,14 @@ def step_rng(seed: int, step: int) -> tuple[random.Random, torch.Generator]:
 
 class RolloutProducer:
     def __init__(self, cfg, method, backend, teachers, tokenizer, pool, prompts, *, answers=None, anchors=None,
-                 anchor_ids=None):
+                 anchor_ids=None, world=None):
         """pool/prompts: the examples prompts are drawn from and their token ids; answers: the traces'
-        token ids (method sft from a file); anchors/anchor_ids: anchor examples and (prompt, answer) ids."""
+        token ids (method sft from a file); anchors/anchor_ids: anchor examples and (prompt, answer) ids;
+        world: this rank samples its share of each step's rows (opd/world.py)."""
         self.cfg, self.method, self.backend, self.teachers, self.tok = cfg, method, backend, teachers, tokenizer
         self.pool, self.prompts, self.answers = pool, prompts, answers
         self.anchors, self.anchor_ids = anchors, anchor_ids
+        self.world = world or World()
         self.ahead: dict[int, Rollouts] = {}
 
     def get(self, step: int, model) -> Rollouts:
@@ -41,43 +44,50 @@ class RolloutProducer:
         return self.ahead.pop(step)
 
     def _produce(self, step: int) -> Rollouts:
+        """The step's rows are drawn in full (every rank draws the same), then this rank's share is sampled."""
         cfg, tok = self.cfg, self.tok
         rng, gen = step_rng(cfg.train.seed, step)
         n_anchor = round(cfg.anchors.fraction * cfg.rollout.batch_size) if self.anchors else 0
         picks = [rng.randrange(len(self.prompts)) for _ in range(cfg.rollout.batch_size - n_anchor)]
         picks = [i for i in picks for _ in range(cfg.rollout.samples_per_prompt)]
         sampled_by = self.method.sampler(rng)
+        anchor_rows = [rng.randrange(len(self.anchors)) for _ in range(n_anchor)]
+        # one uniform per row and position: a row's sample does not depend on the other rows
+        uniforms = torch.rand(len(picks), cfg.rollout.max_new_tokens, generator=gen, dtype=torch.float64)
+        mine = self.world.share(len(picks) + n_anchor)  # rows: the sampled ones, then the anchors
+        lo, hi = mine.start, mine.stop
+        uniforms = uniforms[lo:min(hi, len(picks))]
+        picks, anchor_rows = picks[lo:hi], anchor_rows[max(lo - len(picks), 0):max(hi - len(picks), 0)]
         examples = [self.pool[i] for i in picks]
         prompts = [self.prompts[i] for i in picks]
-        if sampled_by == "traces":  # sft from a traces file: the traces are the completions
-            batch = make_sft_batch(prompts, [self.answers[i] for i in picks], tok.pad_token_id)
+        parts = []
+        if not picks:
+            pass  # this rank's share is anchors only
+        elif sampled_by == "traces":  # sft from a traces file: the traces are the completions
+            parts.append(make_sft_batch(prompts, [self.answers[i] for i in picks], tok.pad_token_id))
         elif sampled_by == "teacher":
-            batch = self._teacher_samples(prompts, examples, gen)
+            parts.append(self._teacher_samples(prompts, examples, uniforms))
         else:
-            uniforms = torch.rand(len(prompts), cfg.rollout.max_new_tokens, generator=gen,
-                                  dtype=torch.float64)  # per row: splittable; float64 for the CDF
-            batch = self.backend.generate(prompts, max_new_tokens=cfg.rollout.max_new_tokens,
-                                          temperature=cfg.rollout.temperature, uniforms=uniforms,
-                                          seed=cfg.train.seed * 1_000_003 + step)
+            parts.append(self.backend.generate(prompts, max_new_tokens=cfg.rollout.max_new_tokens,
+                                               temperature=cfg.rollout.temperature, uniforms=uniforms,
+                                               seed=cfg.train.seed * 1_000_003 + step))
         sources = ["student" if sampled_by == "student" else "teacher"] * len(picks)
-        if n_anchor:
-            rows = [rng.randrange(len(self.anchors)) for _ in range(n_anchor)]
-            anchor_batch = make_sft_batch([self.anchor_ids[0][i] for i in rows], [self.anchor_ids[1][i] for i in rows],
-                                          tok.pad_token_id)
-            batch = concat_batches([batch, anchor_batch], tok.pad_token_id)
-            examples += [self.anchors[i] for i in rows]
-            sources += ["anchor"] * n_anchor
-        return Rollouts(batch, examples, sources, self.backend.version if sampled_by == "student" else step - 1,
-                        sampled_by)
+        if anchor_rows:
+            parts.append(make_sft_batch([self.anchor_ids[0][i] for i in anchor_rows],
+                                        [self.anchor_ids[1][i] for i in anchor_rows], tok.pad_token_id))
+            examples += [self.anchors[i] for i in anchor_rows]
+            sources += ["anchor"] * len(anchor_rows)
+        return Rollouts(concat_batches(parts, tok.pad_token_id), examples, sources,
+                        self.backend.version if sampled_by == "student" else step - 1, sampled_by)
 
-    def _teacher_samples(self, prompts, examples, gen):
-        """Each row sampled by the teacher of its task tag (rows regrouped in the original order)."""
+    def _teacher_samples(self, prompts, examples, uniforms):
+        """Each row sampled by the teacher of its task tag, with its own uniforms (rows back in order)."""
         parts, order = [], []
         greedy = bool(getattr(self.method.options, "teacher_greedy", False))
         for t, rows in self.teachers.split(examples):
             parts.append(t.generate([prompts[i] for i in rows], [examples[i] for i in rows], greedy=greedy,
                                     max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                    temperature=self.cfg.rollout.temperature, generator=gen))
+                                    temperature=self.cfg.rollout.temperature, uniforms=uniforms[rows]))
             order += rows
         batch = concat_batches(parts, self.tok.pad_token_id)
         inverse = torch.empty(len(order), dtype=torch.long)

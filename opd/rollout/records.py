@@ -28,12 +28,12 @@ def store_rows(step: int, policy_version: int, batch: Batch, examples, views, re
              "correct": v.correct, "teacher": teachers[b], "truncated": v.truncated, "source": sources[b]}
             for b, (ex, v, r) in enumerate(zip(examples, views, reasons))]
 
-def per_teacher_logprob(views, teacher_names) -> dict[str, float]:
-    """Mean teacher log-prob per completion token, for each teacher (multi-teacher metrics)."""
+def per_teacher_logprob(rows: list[dict]) -> dict[str, float]:
+    """Mean teacher log-prob per completion token, for each teacher, over sample-store rows."""
     sums: dict[str, list[float]] = {}
-    for v, name in zip(views, teacher_names):
-        if v.teacher_logprobs:
-            acc = sums.setdefault(name, [0.0, 0])
-            acc[0] += sum(v.teacher_logprobs)
-            acc[1] += len(v.teacher_logprobs)
+    for row in rows:
+        if row["teacher_logprobs"]:
+            acc = sums.setdefault(row["teacher"], [0.0, 0])
+            acc[0] += sum(row["teacher_logprobs"])
+            acc[1] += len(row["teacher_logprobs"])
     return {f"teacher_logprob/{n}": s / max(c, 1) for n, (s, c) in sums.items()}

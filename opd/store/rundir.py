@@ -35,21 +35,29 @@ def read_jsonl(path: Path) -> list[dict]:
 class RunDir:
     """Paths and writers of one run directory."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, writes: bool = True):
+        """`writes`: False on every rank but 0 of a distributed job: it reads the run, rank 0 writes it."""
         self.root = Path(root)
+        self.writes = writes
         self.metrics_path = self.root / "metrics.jsonl"
         self.eval_path = self.root / "eval.jsonl"
         self.checkpoints = self.root / "checkpoints"
 
     def create(self, resume: bool) -> None:
+        if not self.writes:
+            return
         if not resume and (self.metrics_path.exists() or self.checkpoints.exists()):
             raise OpdError(f"run directory {self.root} already holds a run; use --resume or another 'out'")
         self.root.mkdir(parents=True, exist_ok=True)
 
     def write_json(self, name: str, obj) -> None:
+        if not self.writes:
+            return
         atomic_write_text(self.root / name, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
     def append(self, path: Path, record: dict) -> None:
+        if not self.writes:
+            return
         with open(path, "a") as f:
             f.write(json.dumps(record, default=float) + "\n")
             f.flush()
@@ -62,6 +70,8 @@ class RunDir:
 
     def truncate_after(self, step: int) -> None:
         """Drop log lines written after the checkpoint at `step` (they will be redone)."""
+        if not self.writes:
+            return
         for path in (self.metrics_path, self.eval_path):
             keep = [r for r in read_jsonl(path) if r["step"] <= step]
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
@@ -72,6 +82,8 @@ class RunDir:
 
         A peft PeftModel writes only its adapter (adapter_config.json + adapter_model.safetensors): a
         resume loads the base model and this adapter (`is_adapter_checkpoint`)."""
+        if not self.writes:
+            return self.checkpoints / f"step-{step:07d}"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         final = self.checkpoints / f"step-{step:07d}"
         tmp = self.checkpoints / f".tmp-step-{step:07d}"

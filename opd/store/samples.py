@@ -90,15 +90,19 @@ def _sql_string(text: str) -> str:
 class SampleStore:
     """Buffered, append-only Parquet tables `rollouts` and `evals` under ROOT/samples/."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, writes: bool = True):
+        """`writes`: False on every rank but 0 of a distributed job (rank 0 stores the gathered rows)."""
         self.root = Path(root) / "samples"
+        self.writes = writes
         self._buffers: dict[str, list[dict]] = {t: [] for t in TABLES}
 
     def add_rollouts(self, rows: list[dict]) -> None:
-        self._buffers["rollouts"].extend(rows)
+        if self.writes:
+            self._buffers["rollouts"].extend(rows)
 
     def add_evals(self, rows: list[dict]) -> None:
-        self._buffers["evals"].extend(rows)
+        if self.writes:
+            self._buffers["evals"].extend(rows)
 
     def drop_pending_after(self, step: int) -> None:
         """Forget buffered rows of steps after `step` (a step interrupted half-way is redone on resume)."""
@@ -141,6 +145,8 @@ class SampleStore:
 
     def truncate_after(self, step: int) -> None:
         """Delete parts written after the checkpoint at `step` (and leftover temp files); drop the buffers."""
+        if not self.writes:
+            return
         for table in TABLES:
             for path in self.parts(table):
                 if _part_step(path) > step:

@@ -24,7 +24,7 @@ class Teacher(Protocol):
         """Scores of every completion token of `batch` (rows = `examples`), no gradient."""
 
     def generate(self, batch_prompts: list[list[int]], examples: list, *, max_new_tokens: int,
-                 temperature: float = 1.0, greedy: bool = False, generator=None) -> Batch:
+                 temperature: float = 1.0, greedy: bool = False, uniforms=None) -> Batch:
         """The teacher's own completions (sft/mixed/kd traces, greedy evaluation)."""
 
     def describe(self) -> dict:

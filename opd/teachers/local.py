@@ -128,14 +128,14 @@ class LocalTeacher:
         return score(self.model, batch, self.hidden(batch), self.vocab_size, self.logits_chunk)
 
     def generate(self, prompts, examples, *, max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
-                 generator=None) -> Batch:
+                 uniforms=None) -> Batch:
         """Completions by the teacher reading its own prompt; returned under the student's `prompts`."""
         was_training = self.model.training
         self.model.eval()
         try:
             out = generate(self.model, self.prompts(examples) if self.schema is not None else prompts,
                            eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id,
-                           max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy, generator=generator,
+                           max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy, uniforms=uniforms,
                            vocab_size=self.vocab_size, kv_cache_gib=self.kv_cache_gib)
         finally:
             self.model.train(was_training)

@@ -75,7 +75,7 @@ class ServedTeacher:
                              topk_logprobs=topk[0], topk_ids=topk[1])
 
     def generate(self, prompts, examples, *, max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
-                 generator=None) -> Batch:
+                 uniforms=None) -> Batch:
         """Greedy completions from the server (evaluation); a served teacher does not sample traces."""
         if not greedy:
             raise OpdError(f"teacher at {self.remote.url} is served: it scores and decodes greedily, but does not "

@@ -18,6 +18,7 @@ from opd.objectives.select import IS_CLIP, token_logprobs
 from opd.scores import TeacherScores, limit_vocab
 from opd.train.chunked import DEFAULT_CHUNK_ELEMENTS, chunk_ranges, completion_hidden, split_lm
 from opd.train.optim import optimizer_step
+from opd.world import World
 
 
 def student_precision(name: str, device="cpu") -> str:
@@ -56,7 +57,7 @@ def micro_batches(rows: int, width: int, max_rows: int, max_tokens: int) -> list
 def update(student, optimizer, scheduler, method, objective, batch: Batch, cfg, *,
            scores: TeacherScores | None = None, advantages: torch.Tensor | None = None,
            weighted: torch.Tensor | None = None, rollout_temperature: float = 1.0,
-           vocab_size: int | None = None) -> dict:
+           vocab_size: int | None = None, world: World | None = None) -> dict:
     """One optimizer step on `batch` (the kept rows); returns its statistics.
 
     Every loss is a sum over completion tokens divided by the token count of the whole batch, so
@@ -67,11 +68,15 @@ def update(student, optimizer, scheduler, method, objective, batch: Batch, cfg, 
     most `cfg.micro_batch_size` rows and `cfg.micro_batch_tokens` tokens. `vocab_size`: the
     tokenizer's real ids; both models' distributions are compared over those (padded embeddings).
     The batch and the scores may live on the CPU: each tensor moves to the student's device here.
+    `world`: in a distributed job this rank's rows; the token count is the global one and the
+    gradients are summed over ranks once, before the optimizer step, so the update does not depend
+    on the number of ranks (a rank with no kept rows still takes part, with zero gradients).
     """
+    world = world or World()
     assert batch.completion_mask.shape == batch.completion_ids.shape
     device = next(student.parameters()).device
     batch = batch.to(device)
-    n_tokens = max(int(batch.completion_mask.sum()), 1)
+    n_tokens = max(int(world.sum(batch.completion_mask.sum())[0]), 1)  # every rank's tokens
     rows = batch.prompt_ids.shape[0]
     width = batch.prompt_ids.shape[1] + batch.completion_ids.shape[1]
     chunk_elements = cfg.logits_chunk or DEFAULT_CHUNK_ELEMENTS
@@ -85,7 +90,7 @@ def update(student, optimizer, scheduler, method, objective, batch: Batch, cfg, 
     loss_is_kl = (method.uses_teacher and objective.name == "reverse_kl" and objective.temperature == 1.0
                   and (weighted is None or not weighted.any()))
     total_loss, kl_sum, teacher_lp_sum = 0.0, 0.0, 0.0
-    for part in micro_batches(rows, width, cfg.micro_batch_size, cfg.micro_batch_tokens):
+    for part in micro_batches(rows, width, cfg.micro_batch_size, cfg.micro_batch_tokens) if rows else []:
         sub = batch.rows(part)
         sel = sub.completion_mask.bool()
         n = int(sel.sum())
@@ -126,7 +131,9 @@ def update(student, optimizer, scheduler, method, objective, batch: Batch, cfg, 
             total_loss += loss.item()
         if leaf.grad is not None and hidden.requires_grad:
             hidden.backward(leaf.grad)
+    world.sync_grads(student.parameters())
     grad_norm, applied = optimizer_step(student, optimizer, scheduler, cfg.grad_clip)
+    total_loss, kl_sum, teacher_lp_sum = world.sum(total_loss, kl_sum, teacher_lp_sum)
     stats = {"loss": total_loss, "grad_norm": grad_norm, "update_applied": applied}
     if scores is not None and method.uses_teacher:
         stats.update(reverse_kl=kl_sum / n_tokens, teacher_logprob=teacher_lp_sum / n_tokens)
