@@ -138,6 +138,9 @@ class TrainConfig:
     # budget changes the loss or the gradient (every loss is normalised by the whole batch's token count)
     micro_batch_tokens: int = 16384  # tokens per micro-batch (0 = no token budget)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30% slower)
+    # with several torchrun ranks: shard parameters, gradients and optimizer state over them with FSDP2
+    # (fully_shard per decoder layer + root) instead of a full replica per rank; checkpoints stay gathered
+    fsdp: bool = False  # FSDP2 sharding of the student (docs/distributed.md); one rank: ignored
     # float32: weights, activations and optimizer in float32. bfloat16: autocast (float32 weights and
     # optimizer, bfloat16 matmuls). bfloat16_weights: bfloat16 weights and activations, with float32 master
     # weights and optimizer state (saved in checkpoints, so a resume is exact). auto = bfloat16_weights on a
@@ -359,6 +362,10 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     lora = cfg.student.lora
     if lora.r < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
         raise OpdError("student.lora: r must be >= 0, alpha positive and dropout in [0, 1)")
+    if cfg.train.fsdp and (lora.r or cfg.rollout.backend not in ("auto", "hf")):
+        raise OpdError("train.fsdp shards a fully trained student decoded by opd's own sampler: not with student.lora "
+                       "(adapters are small: train them replicated, fsdp: false) nor rollout.backend "
+                       f"{cfg.rollout.backend}")
     if lora.r and cfg.scale.rollout_workers:
         raise OpdError("student.lora with scale.rollout_workers is not supported yet: Ray workers take full "
                        "weights; sample in this process (scale.rollout_workers: 0)")

@@ -31,6 +31,7 @@ from opd.stats import wilson
 from opd.store.manifest import build_manifest
 from opd.store.rundir import read_jsonl
 from opd.store.samples import eval_rows
+from opd.sharded import full_model_state, full_optimizer_state, gathered, is_sharded, load_optimizer_state
 from opd.train.step import update, weighted_rows
 from opd.world import World
 from opd.backends.lora import save_student
@@ -96,10 +97,12 @@ def start(run: Run, resume: bool, argv, progress: bool, preflight: bool = True) 
         save_config(cfg, run.dir.root / "config.yaml")
     checks = None
     if preflight:  # quiet runs (opd compare, tests) print only the warnings; rank 0 checks for every rank
-        checks = world.on_main(lambda: check_before_start(run, out=sys.stderr if progress else io.StringIO()))
+        with gathered(run.student.model):  # FSDP2: rank 0 decodes alone, with whole weights
+            checks = world.on_main(lambda: check_before_start(run, out=sys.stderr if progress else io.StringIO()))
         for warning in checks["warnings"] if not progress and world.main else []:
             print(f"opd: warning: {warning}", file=sys.stderr)
-    distributed = world.describe()  # a collective: every rank takes part
+    distributed = {**world.describe(),  # a collective: every rank takes part
+                   "student": "fsdp2" if is_sharded(run.student.model) else "replicated"}
     if world.main:
         run.dir.write_json("manifest.json", {**build_manifest(
             cfg, run.teachers, run.student, run.task, run.method, run.objective, run.filters, run.schema_check,
@@ -119,7 +122,14 @@ def resume_from(run: Run, ckpt) -> State:
     """Weights came from the checkpoint; restore optimizer, scheduler, counters and the logs."""
     step, path = ckpt
     saved = run.dir.load_trainer_state(path)
-    run.optimizer.load_state_dict(saved["optimizer"])
+    fsdp = saved.get("optimizer_format") == "fsdp2-gathered"  # the optimizer state's layout
+    if fsdp != is_sharded(run.student.model):
+        raise OpdError(f"--resume: {path} was written {'with' if fsdp else 'without'} train.fsdp on several ranks; "
+                       "resume with the same setting")
+    if fsdp:
+        load_optimizer_state(run.student.model, run.optimizer, saved["optimizer"])
+    else:
+        run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
     run.dir.truncate_after(step)
     run.samples.truncate_after(step)
@@ -230,11 +240,16 @@ def evaluate_step(run: Run, state: State, step: int, progress: bool) -> float:
 
 def checkpoint(run: Run, state: State) -> None:
     run.samples.flush(state.step)  # before the checkpoint: a resume from it redoes later rows exactly once
-    run.dir.save_checkpoint(state.step, run.student.model, run.tokenizer,
+    model, extra = run.student.model, {}
+    if is_sharded(model):  # FSDP2: gathered on rank 0 (a collective), the same files as unsharded
+        extra = {"state_dict": full_model_state(model)}
+        optimizer = {"optimizer": full_optimizer_state(model, run.optimizer), "optimizer_format": "fsdp2-gathered"}
+    else:
+        optimizer = {"optimizer": run.optimizer.state_dict()}
+    run.dir.save_checkpoint(state.step, model, run.tokenizer,
                             {"step": state.step, "flops": state.flops, "below_start": state.below_start,
-                             "world_size": run.world.size,
-                             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()},
-                            keep=run.cfg.train.keep_checkpoints)
+                             "world_size": run.world.size, **optimizer, "scheduler": run.scheduler.state_dict()},
+                            keep=run.cfg.train.keep_checkpoints, **extra)
     state.last_checkpoint = state.step
 
 
@@ -243,6 +258,8 @@ def interrupted(run: Run, state: State) -> None:
     there (a step at a rollout-block boundary: every step when strictly on-policy)."""
     block = run.cfg.rollout.max_staleness + 1
     resumable = state.step - state.step % block
+    if is_sharded(run.student.model):  # gathering needs every rank in step: keep the last checkpoint
+        resumable = state.last_checkpoint
     run.samples.drop_pending_after(resumable)  # rows of the half-done step (or block) are redone on resume
     if resumable > state.last_checkpoint:
         state.step = resumable
@@ -257,12 +274,13 @@ def finish(run: Run, state: State, wall_start: float) -> dict:
     """Close workers, write the store, the student, summary.json and the report."""
     if run.workers is not None:
         run.workers.close()
+    weights = full_model_state(run.student.model) if is_sharded(run.student.model) else None  # every rank
     if not run.world.main:  # rank 0 writes the store, the student, the summary and the report
         return {}
     final = read_jsonl(run.dir.eval_path)[-1]
     run.samples.flush(final["step"])
     out = run.dir.root / "student"  # a plain model folder (LoRA: merged), + the adapter in student-adapter/
-    save_student(run.student.model, run.tokenizer, out, run.dir.root / "student-adapter")
+    save_student(run.student.model, run.tokenizer, out, run.dir.root / "student-adapter", state_dict=weights)
     teacher, before, after = state.teacher_accuracy, state.student_before, final["accuracy"]
     gap = teacher - before if teacher is not None else 0
     summary = {"method": run.method.name, "teacher_accuracy": teacher, "student_accuracy_before": before,

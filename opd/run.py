@@ -22,6 +22,7 @@ from opd.rollout.backend import HFBackend, RolloutBackend
 from opd.rollout.filters import build_filters
 from opd.rollout.producer import RolloutProducer
 from opd.rollout.prompts import check_turn_end, encode_answers, encode_prompts
+from opd.sharded import gathered
 from opd.store.rundir import RunDir
 from opd.store.samples import SampleStore
 from opd.store.tracking import Tracker
@@ -80,9 +81,10 @@ class Run:
         """Greedy held-out accuracy: each rank answers its share of the eval set, the records gathered."""
         cfg = self.cfg
         mine = self.eval_set[self.world.share(len(self.eval_set))]
-        result = evaluate(self.student.model, self.tokenizer, mine, self.task.schema, self.task.verifier,
-                          max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                          batch_size=cfg.eval.batch_size, progress=progress, desc=desc)
+        with gathered(self.student.model):  # FSDP2: whole weights for decoding (opd/sharded.py)
+            result = evaluate(self.student.model, self.tokenizer, mine, self.task.schema, self.task.verifier,
+                              max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                              batch_size=cfg.eval.batch_size, progress=progress, desc=desc)
         return self._gathered(result)
 
     def _gathered(self, result: EvalResult) -> EvalResult:
@@ -119,7 +121,10 @@ def build_run(cfg: DistillConfig, resume: bool, world: World | None = None) -> t
     world.on_main(lambda: run_dir.create(resume))
     ckpt = run_dir.latest_checkpoint() if resume else None
     task = load_task(cfg.task)
-    student = load_student(cfg, ckpt[1] if ckpt else None)
+    fsdp = cfg.train.fsdp and world.size > 1
+    if cfg.train.fsdp and not fsdp and world.main:
+        print("opd: train.fsdp with one rank: the student trains unsharded", file=sys.stderr)
+    student = load_student(cfg, ckpt[1] if ckpt else None, sharded=fsdp)
     tok = student.tokenizer
     check_turn_end(task.schema, tok)  # a chat turn must end in EOS, or rollouts run past every answer
     teachers = TeacherPool(load_teachers(cfg, tok, task.schema), task.schema, tok)
@@ -147,9 +152,9 @@ def build_run(cfg: DistillConfig, resume: bool, world: World | None = None) -> t
         answers=encode_answers(traces, tok) if traces else None, anchors=anchors,
         anchor_ids=(encode_prompts(anchors, task.schema, tok), encode_answers(anchors, tok)) if anchors else None,
         world=world)
+    bf16_weights = student_precision(cfg.train.precision, student.device) == "bfloat16_weights"
     optimizer, scheduler = make_optimizer(student.model, cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps,
-                                          master_weights=student_precision(cfg.train.precision,
-                                                                           student.device) == "bfloat16_weights")
+                                          master_weights=bf16_weights and not fsdp)  # FSDP2: float32 shards
     shapes = {"student": ModelShape.of(student.model),
               **{t.name: ModelShape.of(t.model) for t in teachers.teachers if isinstance(t, LocalTeacher)}}
     tracker = Tracker(run_dir.root, tensorboard=cfg.logging.tensorboard and world.main,
@@ -181,12 +186,14 @@ def check_split(cfg: DistillConfig, ranks: int) -> None:
                        f"groups over {ranks} ranks: make the rows per step a multiple of {unit}")
 
 
-def load_student(cfg: DistillConfig, checkpoint=None):
+def load_student(cfg: DistillConfig, checkpoint=None, sharded: bool = False):
     """The student on its device, in the dtype train.precision asks for, with LoRA adapters when
     student.lora.r > 0. From a checkpoint: its weights (full fine-tuning), or the base model plus the
-    checkpoint's adapter (LoRA: checkpoints hold only the adapter)."""
+    checkpoint's adapter (LoRA: checkpoints hold only the adapter). `sharded`: FSDP2 over the ranks
+    (opd/sharded.py), float32 shards with bfloat16 compute where train.precision says bfloat16_weights."""
     device = resolve_device(cfg.student.device)
-    dtype = "bfloat16" if student_precision(cfg.train.precision, device) == "bfloat16_weights" else "float32"
+    bf16_weights = student_precision(cfg.train.precision, device) == "bfloat16_weights"
+    dtype = "bfloat16" if bf16_weights and not sharded else "float32"
     lora = cfg.student.lora.r > 0
     if checkpoint is not None and RunDir.is_adapter_checkpoint(checkpoint) != lora:
         raise OpdError(f"--resume: {checkpoint} holds {'a LoRA adapter' if not lora else 'full weights'} but "
@@ -203,6 +210,12 @@ def load_student(cfg: DistillConfig, checkpoint=None):
         from opd.backends.lora import unwrap
 
         unwrap(student.model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if sharded:
+        import torch
+
+        from opd.sharded import shard
+
+        shard(student.model, param_dtype=torch.bfloat16 if bf16_weights else None)
     return student
 
 

@@ -69,6 +69,17 @@ class World:
         dist.all_reduce(t)
         return t.tolist()
 
+    def max(self, value: float) -> float:
+        """The largest value over ranks."""
+        if self.size == 1:
+            return float(value)
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self._device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
     def gather(self, items: list) -> list:
         """Every rank's list, concatenated in rank order (so rows come back in single-process order)."""
         if self.size == 1:

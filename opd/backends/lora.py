@@ -97,9 +97,10 @@ def save_merged(model, out: Path) -> None:
     plain.save_pretrained(out, safe_serialization=True)
 
 
-def save_student(model, tokenizer, merged_dir: Path, adapter_dir: Path | None = None) -> None:
+def save_student(model, tokenizer, merged_dir: Path, adapter_dir: Path | None = None, state_dict=None) -> None:
     """The final student: a PeftModel writes its adapter to adapter_dir (when given) and the merged model
-    to merged_dir; a plain model writes itself to merged_dir. The tokenizer goes into each folder."""
+    to merged_dir; a plain model writes itself to merged_dir (`state_dict`: its gathered weights, FSDP2).
+    The tokenizer goes into each folder."""
     merged_dir = Path(merged_dir)
     merged_dir.mkdir(parents=True, exist_ok=True)
     if is_peft(model):
@@ -108,5 +109,5 @@ def save_student(model, tokenizer, merged_dir: Path, adapter_dir: Path | None = 
             tokenizer.save_pretrained(adapter_dir)
         save_merged(model, merged_dir)
     else:
-        model.save_pretrained(merged_dir, safe_serialization=True)
+        model.save_pretrained(merged_dir, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(merged_dir)

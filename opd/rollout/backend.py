@@ -19,6 +19,7 @@ import torch
 
 from opd.batch import Batch
 from opd.rollout.sampler import generate
+from opd.sharded import gathered
 
 
 @runtime_checkable
@@ -63,10 +64,11 @@ class HFBackend:
         was_training = self.model.training
         self.model.eval()
         try:
-            return generate(self.model, prompts, eos_id=self.eos_id, pad_id=self.pad_id,
-                            max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
-                            generator=torch.Generator().manual_seed(seed), uniforms=uniforms, fast=self.fast,
-                            vocab_size=self.vocab_size, kv_cache_gib=self.kv_cache_gib)
+            with gathered(self.model):  # FSDP2: whole weights, no collective per token (opd/sharded.py)
+                return generate(self.model, prompts, eos_id=self.eos_id, pad_id=self.pad_id,
+                                max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
+                                generator=torch.Generator().manual_seed(seed), uniforms=uniforms, fast=self.fast,
+                                vocab_size=self.vocab_size, kv_cache_gib=self.kv_cache_gib)
         finally:
             self.model.train(was_training)
 
@@ -75,7 +77,11 @@ class HFBackend:
         """Copy the weights in place; strict, so a missing or misnamed tensor fails loudly instead of
         leaving a stale weight behind. The trainer's own model (same storage) needs no copy."""
         own = self.model.state_dict()
-        if not (own.keys() == state_dict.keys() and all(own[k].data_ptr() == v.data_ptr() for k, v in state_dict.items())):
+        if not (own.keys() == state_dict.keys() and all(_storage(own[k]) == _storage(v) for k, v in state_dict.items())):
             self.model.load_state_dict(dict(state_dict), strict=True)
         self._version = version
 
+
+def _storage(tensor) -> int:
+    """Where a tensor's data lives (an FSDP2 shard: its local part)."""
+    return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).data_ptr()

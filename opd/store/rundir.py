@@ -77,18 +77,19 @@ class RunDir:
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
     # -- checkpoints -------------------------------------------------------------------------
-    def save_checkpoint(self, step: int, model, tokenizer, trainer_state: dict, keep: int) -> Path:
+    def save_checkpoint(self, step: int, model, tokenizer, trainer_state: dict, keep: int, state_dict=None) -> Path:
         """Write checkpoints/step-N atomically: weights (safetensors) + optimizer/scheduler state.
 
         A peft PeftModel writes only its adapter (adapter_config.json + adapter_model.safetensors): a
-        resume loads the base model and this adapter (`is_adapter_checkpoint`)."""
+        resume loads the base model and this adapter (`is_adapter_checkpoint`). `state_dict`: the model's
+        gathered weights when its parameters are sharded (FSDP2)."""
         if not self.writes:
             return self.checkpoints / f"step-{step:07d}"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         final = self.checkpoints / f"step-{step:07d}"
         tmp = self.checkpoints / f".tmp-step-{step:07d}"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         torch.save(trainer_state, tmp / "trainer_state.pt")
         for file in tmp.iterdir():

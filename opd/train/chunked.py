@@ -18,6 +18,7 @@ import torch
 
 from opd.backends.lora import unwrap
 from opd.batch import Batch, position_ids
+from opd.sharded import gathered, head_bypassed, is_sharded
 from opd.scores import FlatTeacher, TeacherScores  # noqa: F401  (re-exported)
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB of float32): whole batch at small vocabularies
@@ -43,8 +44,9 @@ def split_lm(model):
         was_training = model.training
         model.eval()
         try:
-            full = model(input_ids=probe, use_cache=False).logits.float()
-            mine = head(body(input_ids=probe, use_cache=False).last_hidden_state).float()
+            with gathered(model):  # FSDP2: whole weights for the probe (every rank probes together)
+                full = model(input_ids=probe, use_cache=False).logits.float()
+                mine = head(body(input_ids=probe, use_cache=False).last_hidden_state).float()
             if torch.allclose(full, mine, rtol=1e-4, atol=1e-4 * float(full.abs().max()) + 1e-6):
                 split = (body, head)
         finally:
@@ -61,6 +63,9 @@ def completion_hidden(model, batch: Batch) -> torch.Tensor:
     start, width = batch.prompt_ids.shape[1] - 1, batch.completion_ids.shape[1]
     if body is None:
         return model(**kwargs).logits[:, start:start + width]
+    if is_sharded(model):  # FSDP2: the root's own forward, so every unit's hooks run (opd/sharded.py)
+        with head_bypassed(model):
+            return model(**kwargs).logits[:, start:start + width]
     return body(**kwargs).last_hidden_state[:, start:start + width]
 
 

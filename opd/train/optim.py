@@ -74,7 +74,8 @@ def optimizer_step(model, optimizer, scheduler, grad_clip: float) -> tuple[float
     """
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = grad_clip if grad_clip > 0 else float("inf")
-    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
     applied = math.isfinite(norm)
     if applied:
         optimizer.step()

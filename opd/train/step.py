@@ -17,6 +17,7 @@ from opd.objectives.sampled import k3
 from opd.objectives.select import IS_CLIP, token_logprobs
 from opd.scores import TeacherScores, limit_vocab
 from opd.train.chunked import DEFAULT_CHUNK_ELEMENTS, chunk_ranges, completion_hidden, split_lm
+from opd.sharded import idle_pass, is_sharded
 from opd.train.optim import optimizer_step
 from opd.world import World
 
@@ -90,11 +91,19 @@ def update(student, optimizer, scheduler, method, objective, batch: Batch, cfg, 
     loss_is_kl = (method.uses_teacher and objective.name == "reverse_kl" and objective.temperature == 1.0
                   and (weighted is None or not weighted.any()))
     total_loss, kl_sum, teacher_lp_sum = 0.0, 0.0, 0.0
-    for part in micro_batches(rows, width, cfg.micro_batch_size, cfg.micro_batch_tokens) if rows else []:
+    parts = micro_batches(rows, width, cfg.micro_batch_size, cfg.micro_batch_tokens) if rows else []
+    sharded = is_sharded(student)  # FSDP2: every rank runs as many forwards, the last one reduces gradients
+    passes = int(world.max(len(parts))) if sharded else len(parts)
+    for i in range(passes):
+        part = parts[i] if i < len(parts) else slice(0, 0)
+        if sharded:
+            student.set_requires_gradient_sync(i == passes - 1)
         sub = batch.rows(part)
         sel = sub.completion_mask.bool()
         n = int(sel.sum())
         if n == 0:
+            if sharded:
+                idle_pass(student)
             continue
         with autocast:
             hidden = completion_hidden(student, sub)[sel]  # [n, H] (or [n, V] logits without a head split)
@@ -129,9 +138,10 @@ def update(student, optimizer, scheduler, method, objective, batch: Batch, cfg, 
                 teacher_lp_sum += float(t_lp.sum())
             loss.backward()
             total_loss += loss.item()
-        if leaf.grad is not None and hidden.requires_grad:
-            hidden.backward(leaf.grad)
-    world.sync_grads(student.parameters())
+        if hidden.requires_grad and (leaf.grad is not None or sharded):
+            hidden.backward(leaf.grad if leaf.grad is not None else torch.zeros_like(hidden))
+    if not sharded:  # FSDP2 reduce-scattered the gradients in the last backward
+        world.sync_grads(student.parameters())
     grad_norm, applied = optimizer_step(student, optimizer, scheduler, cfg.grad_clip)
     total_loss, kl_sum, teacher_lp_sum = world.sum(total_loss, kl_sum, teacher_lp_sum)
     stats = {"loss": total_loss, "grad_norm": grad_norm, "update_applied": applied}

@@ -84,6 +84,36 @@ def test_two_ranks_match_one_process_step_for_step(runs):
     assert [(r["step"], r["n"], r["accuracy"]) for r in eb] == [(r["step"], r["n"], r["accuracy"]) for r in ea]
 
 
+def test_fsdp2_matches_one_process_and_resumes(runs):
+    """train.fsdp: parameters, gradients and optimizer state sharded over the 2 ranks (FSDP2 on gloo)."""
+    root, paths, dirs, single, _ = runs
+    sharded = root / "dp-fsdp"
+    cfg = write_config(root, paths, dirs, sharded, fsdp=True)
+    done = subprocess.run([OPD, "distill", str(cfg), "--nproc", "2", "--no-progress"], env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for x, y in zip(metrics(single), metrics(sharded)):
+        assert y["kept"] == x["kept"]
+        for key in ("loss", "reverse_kl", "grad_norm"):
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-7), (x["step"], key)
+    wa, wb = weights(single), weights(sharded)
+    for name in wa:
+        assert torch.allclose(wb[name], wa[name], rtol=1e-5, atol=1e-7), name
+    assert json.loads((sharded / "manifest.json").read_text())["distributed"]["student"] == "fsdp2"
+    # a resume from the last gathered checkpoint (step 6) redoes steps 7 and 8 exactly
+    assert sorted(p.name for p in (sharded / "checkpoints").glob("step-*"))[-1] == "step-0000006"
+    straight = [json.loads(line) for line in (sharded / "metrics.jsonl").read_text().splitlines()]
+    (sharded / "summary.json").unlink()
+    done = subprocess.run([OPD, "distill", str(cfg), "--nproc", "2", "--resume", "--no-progress"], env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = metrics(sharded)
+    assert [r["step"] for r in again] == list(range(1, STEPS + 1))
+    for x, y in zip(straight, again):
+        assert (x["loss"], x["grad_norm"], x["kept"]) == (y["loss"], y["grad_norm"], y["kept"])
+    assert all(torch.equal(wb[k], weights(sharded)[k]) for k in wb)
+
+
 def test_the_store_holds_each_rollout_once_and_rank_0_owns_the_run(runs):
     *_, single, ranks2 = runs
     query = "select step, prompt, completion, kept, reject_rule, source from rollouts order by all"
@@ -93,6 +123,7 @@ def test_the_store_holds_each_rollout_once_and_rank_0_owns_the_run(runs):
     assert SampleStore(ranks2).rows(evals) == SampleStore(single).rows(evals)
     manifest = json.loads((ranks2 / "manifest.json").read_text())
     assert manifest["distributed"]["world_size"] == 2 and manifest["distributed"]["backend"] == "gloo"
+    assert manifest["distributed"]["student"] == "replicated"
     assert len(manifest["distributed"]["hosts"]) == 2
     assert json.loads((single / "manifest.json").read_text())["distributed"]["world_size"] == 1
     state = torch.load(ranks2 / "checkpoints" / "step-0000002" / "trainer_state.pt", weights_only=True)
