@@ -17,7 +17,10 @@ class Batch:
     """Prompts (left-padded) + completions (right-padded) as one token matrix.
 
     Shapes: prompt_ids/prompt_mask [B, P]; completion_ids/completion_mask/sample_logprobs [B, T].
-    completion_mask is 1 on every sampled token up to and including the first EOS.
+    completion_mask is 1 on every sampled token up to and including the first EOS: the tokens that
+    are trained on. context_mask [B, T] (episodes only, else None) is 1 on tokens inside the
+    completion that the environment and the chat template wrote (tool results, turn markers): both
+    models attend to them, no loss touches them (opd/rollout/episodes.py).
     """
 
     prompt_ids: torch.Tensor
@@ -25,7 +28,8 @@ class Batch:
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
     sample_logprobs: torch.Tensor  # log-prob of each sampled token under the sampling policy
-    truncated: torch.Tensor  # [B] bool: no EOS within max_new_tokens
+    truncated: torch.Tensor  # [B] bool: no EOS within max_new_tokens (episodes: or max_turns reached)
+    context_mask: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -33,18 +37,23 @@ class Batch:
 
     @property
     def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+        seen = self.completion_mask if self.context_mask is None else self.completion_mask | self.context_mask
+        return torch.cat([self.prompt_mask, seen], dim=1)
 
     def completion_lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(dim=1)
 
     def to(self, device) -> "Batch":
         """The batch on `device`: a batch lives on the CPU between phases and moves once into each model."""
-        return Batch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+        return Batch(*(_map(getattr(self, f.name), lambda t: t.to(device)) for f in dataclasses.fields(self)))
 
     def rows(self, index) -> "Batch":
         """The rows selected by `index` (a slice, a bool mask [B] or a tensor of row numbers)."""
-        return Batch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
+        return Batch(*(_map(getattr(self, f.name), lambda t: t[index]) for f in dataclasses.fields(self)))
+
+
+def _map(tensor, fn):
+    return None if tensor is None else fn(tensor)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +115,9 @@ def concat_batches(batches: list[Batch], pad_id: int) -> Batch:
         completion_mask=torch.cat([pad(b.completion_mask, width_c, 0, False) for b in batches]),
         sample_logprobs=torch.cat([pad(b.sample_logprobs, width_c, 0.0, False) for b in batches]),
         truncated=torch.cat([b.truncated for b in batches]),
+        context_mask=None if all(b.context_mask is None for b in batches) else torch.cat(
+            [pad(b.context_mask if b.context_mask is not None else torch.zeros_like(b.completion_mask), width_c, 0,
+                 False) for b in batches]),
     )
 
 
@@ -118,3 +130,5 @@ class Rollouts:
     sources: list[str]  # student | teacher | anchor, per row
     policy_version: int  # training step of the weights that sampled the batch (step − 1 when fresh)
     sampled_by: str  # student | teacher | traces: who wrote the (non-anchor) completions
+    transcripts: list | None = None  # episodes: each row's messages (opd/rollout/episodes.py)
+    turn_tokens: list | None = None  # episodes: each row's model tokens per assistant turn

@@ -89,13 +89,18 @@ class TaskConfig:
     chat_template_kwargs: dict = field(default_factory=dict)  # extra apply_chat_template arguments
     allow_schema_mismatch: bool = False  # a teacher/student prompt difference is an error unless this is true
     seed: int = 1234  # seed of the built-in generator
+    # multi-turn episodes (docs/multi_turn.md): "python:module:Class", built once as Class(**env_params);
+    # reset(example) gives the opening messages, step(messages) the messages to append and whether it is over
+    env: str | None = None  # None = single completions (a built-in family may bring its own, e.g. calculator)
+    env_params: dict = field(default_factory=dict)  # keyword arguments of the environment class
 
 
 @dataclass
 class RolloutConfig:
     batch_size: int = 64  # prompts per training step
     samples_per_prompt: int = 1  # completions sampled per prompt
-    max_new_tokens: int = 32  # completion budget; a completion without EOS is marked truncated
+    max_new_tokens: int = 32  # completion budget; a completion without EOS is marked truncated (episodes: per turn)
+    max_turns: int = 4  # episodes: assistant turns at most; an episode still running after them is truncated
     temperature: float = 1.0  # sampling temperature; sampling is over the full vocabulary (no top-k/top-p)
     # 0 = strictly on-policy. k > 0: rollouts for k+1 steps are sampled at once with the current weights
     # and used over the next k+1 steps (policy lag 0..k, logged); the loss then weights each token by the
@@ -211,7 +216,7 @@ class DistillConfig:
     out: str = "runs/opd"  # run directory (config, manifest, metrics, eval, summary, student/)
 
 
-POSITIVE = {"train.max_nonfinite", "rollout.batch_size", "rollout.samples_per_prompt", "rollout.max_new_tokens", "train.steps",
+POSITIVE = {"train.max_nonfinite", "rollout.batch_size", "rollout.samples_per_prompt", "rollout.max_new_tokens", "rollout.max_turns", "train.steps",
             "train.eval_every", "eval.batch_size", "task.n_train", "task.n_eval"}
 NON_NEGATIVE = {"train.micro_batch_tokens", "rollout.max_staleness", "train.warmup_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.micro_batch_size", "train.logits_chunk", "objective.top_k", "scale.rollout_workers", "scale.teacher_workers", "eval.limit", "eval.max_new_tokens",
                 "train.grad_clip", "train.weight_decay"}

@@ -23,7 +23,7 @@ from opd.config import DistillConfig, save_config
 from opd.errors import OpdError
 from opd.flops import step_flops
 from opd.objectives.reward import group_advantages
-from opd.rollout.records import per_teacher_logprob, rollout_views, store_rows
+from opd.rollout.records import episode_means, per_teacher_logprob, rollout_views, store_rows
 from opd.run import Run, State, build_run
 from opd.preflight import preflight as check_before_start
 from opd.schedule import Schedule
@@ -113,7 +113,7 @@ def start(run: Run, resume: bool, argv, progress: bool, preflight: bool = True) 
     state.student_before, state.eval_n = result.accuracy, result.n
     run.samples.add_evals(eval_rows(0, result.records))
     run.dir.log_eval({"step": 0, "flops": 0.0, "accuracy": result.accuracy, "teacher_accuracy": state.teacher_accuracy,
-                      "n": result.n})
+                      "n": result.n, **episode_means([r.get("transcript") for r in result.records])})
     run.tracker.log(0, {"eval/accuracy": result.accuracy, "eval/teacher_accuracy": state.teacher_accuracy})
     return state
 
@@ -163,11 +163,11 @@ def train_step(run: Run, state: State, step: int) -> dict:
         else (None, [run.teachers.route(ex.tag).name for ex in examples])                       # score
     t2 = time.perf_counter()
     views = rollout_views(batch, run.tokenizer, examples, run.task.verifier,                    # filter
-                          scores.logprobs if scores is not None else None)
+                          scores.logprobs if scores is not None else None, rollouts.transcripts)
     everyone = world.gather(views)  # rules such as dedupe judge the whole step's batch, on every rank
     reasons = run.filters.apply(everyone)[world.share(len(everyone))]
     rows = world.gather(store_rows(step, rollouts.policy_version, batch, examples, views, reasons, names,
-                                   rollouts.sources))  # the step's rows, in single-process order
+                                   rollouts.sources, rollouts.turn_tokens))  # the step's rows, in single-process order
     run.samples.add_rollouts(rows)
     rewards = torch.tensor([float(v.correct) for v in views])
     advantages = reward_advantages(rewards, rollouts.sources, cfg.rollout.samples_per_prompt) \
@@ -197,6 +197,7 @@ def train_step(run: Run, state: State, step: int) -> dict:
               "anchors": sum(r["source"] == "anchor" for r in rows), "kept": int(kept),
               **per_teacher_logprob(rows),
               **{f"reject/{k}": n for k, n in run.filters.reject_counts([r["reject_rule"] for r in rows]).items()},
+              **episode_means([r["transcript"] for r in rows]),
               "completion_len": sum(c_lens) / len(c_lens), "truncated_frac": sum(r["truncated"] for r in rows) / len(rows),
               "tokens_per_s": sum(c_lens) / (t3 - t0),
               "time_sample_s": t1 - t0, "time_score_s": t2 - t1, "time_update_s": t3 - t2}
@@ -232,7 +233,8 @@ def evaluate_step(run: Run, state: State, step: int, progress: bool) -> float:
               f"step {step}, below the start by more than its 95% interval at two evaluations in a row; the "
               f"objective or train.lr is hurting the student; {what}", file=sys.stderr)
     run.dir.log_eval({"step": step, "flops": state.flops, "accuracy": result.accuracy, "n": result.n,
-                      "below_start": below, "failures": [r for r in result.records if not r["correct"]][:20]})
+                      **episode_means([r.get("transcript") for r in result.records]), "below_start": below,
+                      "failures": [r for r in result.records if not r["correct"]][:20]})
     run.samples.add_evals(eval_rows(step, result.records))
     run.tracker.log(step, {"eval/accuracy": result.accuracy})
     return result.accuracy

@@ -14,7 +14,7 @@ from opd.backends.devices import resolve_device
 from opd.backends.hf import load_model
 from opd.config import DistillConfig, to_dict
 from opd.errors import OpdError
-from opd.eval.evaluate import EvalResult, evaluate
+from opd.eval.evaluate import EvalResult, evaluate, evaluate_episodes
 from opd.flops import ModelShape
 from opd.methods import make_method
 from opd.objectives.select import make_objective
@@ -22,6 +22,7 @@ from opd.rollout.backend import HFBackend, RolloutBackend
 from opd.rollout.filters import build_filters
 from opd.rollout.producer import RolloutProducer
 from opd.rollout.prompts import check_turn_end, encode_answers, encode_prompts
+from opd.rollout.sampler import generate
 from opd.sharded import gathered
 from opd.store.rundir import RunDir
 from opd.store.samples import SampleStore
@@ -79,35 +80,53 @@ class Run:
 
     def evaluate_student(self, desc: str, progress: bool):
         """Greedy held-out accuracy: each rank answers its share of the eval set, the records gathered."""
-        cfg = self.cfg
         mine = self.eval_set[self.world.share(len(self.eval_set))]
-        with gathered(self.student.model):  # FSDP2: whole weights for decoding (opd/sharded.py)
-            result = evaluate(self.student.model, self.tokenizer, mine, self.task.schema, self.task.verifier,
-                              max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                              batch_size=cfg.eval.batch_size, progress=progress, desc=desc)
+        model = self.student.model
+        was_training = model.training
+        model.eval()
+        try:
+            with gathered(model):  # FSDP2: whole weights for decoding (opd/sharded.py)
+                result = self._evaluate(mine, desc, progress, model=model)
+        finally:
+            model.train(was_training)
         return self._gathered(result)
-
-    def _gathered(self, result: EvalResult) -> EvalResult:
-        records = self.world.gather(result.records)
-        return EvalResult(sum(r["correct"] for r in records) / max(len(records), 1), len(records), records)
 
     def evaluate_teachers(self, progress: bool) -> float | None:
         """Each held-out prompt answered greedily by the teacher of its task tag; None if one cannot decode."""
-        cfg, correct = self.cfg, 0
-        tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+        correct = 0
+        tokens = self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens
         for t, rows in self.teachers.split(self.eval_set):
             def decode(prompts, examples, t=t):
                 return t.generate(prompts, examples, max_new_tokens=tokens, greedy=True)
             mine = [self.eval_set[i] for i in rows][self.world.share(len(rows))]
             try:
-                result = evaluate(None, self.tokenizer, mine, self.task.schema,
-                                  self.task.verifier, max_new_tokens=tokens, batch_size=cfg.eval.batch_size,
-                                  progress=progress, desc=f"eval {t.name}", decode=decode)
+                result = self._evaluate(mine, f"eval {t.name}", progress, decode=decode)
             except OpdError as exc:  # e.g. a served teacher without a generation endpoint
                 print(f"opd: teacher {t.name} not evaluated: {exc}", file=sys.stderr)
                 return None  # the same on every rank: a teacher that cannot decode fails on all
             correct += self._gathered(result).accuracy * len(rows)
         return correct / len(self.eval_set)
+
+    def _evaluate(self, examples, desc: str, progress: bool, model=None, decode=None) -> EvalResult:
+        """Single completions, or greedy episodes when the task has an environment. decode(prompts,
+        examples) -> Batch replaces `model` (a teacher)."""
+        cfg, tok = self.cfg, self.tokenizer
+        tokens = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+        if self.task.env is None:
+            return evaluate(model, tok, examples, self.task.schema, self.task.verifier, max_new_tokens=tokens,
+                            batch_size=cfg.eval.batch_size, progress=progress, desc=desc, decode=decode)
+        if decode is None:
+            def decode(prompts, _examples):
+                return generate(model, prompts, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                max_new_tokens=tokens, greedy=True, vocab_size=len(tok))
+        return evaluate_episodes(lambda prompts, _u: decode(prompts, [None] * len(prompts)), self.task.env, examples,
+                                 tok, self.task.verifier, max_turns=cfg.rollout.max_turns,
+                                 batch_size=cfg.eval.batch_size, chat_kwargs=cfg.task.chat_template_kwargs,
+                                 progress=progress, desc=desc)
+
+    def _gathered(self, result: EvalResult) -> EvalResult:
+        records = self.world.gather(result.records)
+        return EvalResult(sum(r["correct"] for r in records) / max(len(records), 1), len(records), records)
 
 
 def build_run(cfg: DistillConfig, resume: bool, world: World | None = None) -> tuple[Run, tuple | None]:
@@ -127,6 +146,8 @@ def build_run(cfg: DistillConfig, resume: bool, world: World | None = None) -> t
     student = load_student(cfg, ckpt[1] if ckpt else None, sharded=fsdp)
     tok = student.tokenizer
     check_turn_end(task.schema, tok)  # a chat turn must end in EOS, or rollouts run past every answer
+    if task.env is not None:
+        check_episodes(cfg, tok)
     teachers = TeacherPool(load_teachers(cfg, tok, task.schema), task.schema, tok)
     schema_check = teachers.check_schemas(task.train, cfg.task.allow_schema_mismatch)
     teachers.prepare(task.train)  # dtype auto: bf16 where native and accurate; served: tokenizer, top-k
@@ -151,7 +172,7 @@ def build_run(cfg: DistillConfig, resume: bool, world: World | None = None) -> t
         cfg, method, backend, teachers, tok, pool, encode_prompts(pool, task.schema, tok),
         answers=encode_answers(traces, tok) if traces else None, anchors=anchors,
         anchor_ids=(encode_prompts(anchors, task.schema, tok), encode_answers(anchors, tok)) if anchors else None,
-        world=world)
+        world=world, env=task.env)
     bf16_weights = student_precision(cfg.train.precision, student.device) == "bfloat16_weights"
     optimizer, scheduler = make_optimizer(student.model, cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps,
                                           master_weights=bf16_weights and not fsdp)  # FSDP2: float32 shards
@@ -163,6 +184,25 @@ def build_run(cfg: DistillConfig, resume: bool, world: World | None = None) -> t
               SampleStore(run_dir.root, writes=world.main), producer, backend, optimizer, scheduler, shapes,
               task.eval[:cfg.eval.limit] if cfg.eval.limit else task.eval, schema_check, workers, world)
     return run, ckpt
+
+
+def check_episodes(cfg: DistillConfig, tokenizer) -> None:
+    """Episodes need a chat template whose assistant turns end in EOS, and a teacher that reads exactly
+    the student's tokens (it scores the whole episode, environment turns included, in one pass)."""
+    from opd.tasks.schema import PromptSchema
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise OpdError("task.env: the student's tokenizer has no chat template (episodes are chat messages); "
+                       "opd init-model writes one, hub chat models have their own")
+    check_turn_end(PromptSchema.from_spec("chat", cfg.task.chat_template_kwargs), tokenizer)
+    teachers = cfg.teachers or [cfg.teacher]
+    if cfg.task.teacher_prompt_schema or any(t.prompt_schema for t in teachers):
+        raise OpdError("task.env: a teacher prompt schema is not supported: teacher and student read the same episode")
+    if any(t.url for t in teachers):
+        raise OpdError("task.env with a served teacher (teacher.url) is not supported yet: the server scores "
+                       "completions, not whole episodes; use a local teacher")
+    if cfg.anchors.fraction > 0:
+        raise OpdError("task.env with anchors: anchor traces are single completions; set anchors.fraction: 0")
 
 
 def check_split(cfg: DistillConfig, ranks: int) -> None:

@@ -50,3 +50,25 @@ def evaluate(model, tokenizer, examples, schema, verifier, *, max_new_tokens: in
         model.train(was_training)
     n = len(records)
     return EvalResult(accuracy=sum(r["correct"] for r in records) / max(n, 1), n=n, records=records)
+
+
+def evaluate_episodes(decode, env, examples, tokenizer, verifier, *, max_turns: int, batch_size: int = 256,
+                      chat_kwargs: dict | None = None, progress: bool = False, desc: str = "eval") -> EvalResult:
+    """Greedy multi-turn episodes (opd/rollout/episodes.py); the verifier judges the final assistant
+    message, a truncated episode is wrong. decode(prompts, None) -> Batch: one greedy assistant turn."""
+    from tqdm.auto import tqdm
+
+    from opd.rollout.episodes import episode_stats, final_answer, run_episodes, transcript_json
+
+    records = []
+    for start in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not progress, leave=False):
+        chunk = examples[start:start + batch_size]
+        batch, transcripts, _ = run_episodes(decode, env, chunk, tokenizer, max_turns=max_turns,
+                                             chat_kwargs=chat_kwargs)
+        for ex, messages, truncated in zip(chunk, transcripts, batch.truncated.tolist()):
+            text = final_answer(messages)
+            records.append({"prompt": ex.prompt, "completion": text, "expected": ex.answer,
+                            "correct": bool(not truncated and verifier(text, ex.answer)), "well_formed": not truncated,
+                            "tag": ex.tag, "transcript": transcript_json(messages), "stats": episode_stats(messages)})
+    n = len(records)
+    return EvalResult(accuracy=sum(r["correct"] for r in records) / max(n, 1), n=n, records=records)

@@ -24,6 +24,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import ClassVar
 
 from opd.errors import OpdError
+from opd.rollout.episodes import episode_stats
 
 
 @dataclass
@@ -36,6 +37,7 @@ class RolloutView:
     truncated: bool = False  # no EOS within max_new_tokens
     correct: bool | None = None  # verifier result, None when not verified
     teacher_logprobs: list[float] | None = None  # per completion token
+    transcript: list[dict] | None = None  # an episode's messages (multi-turn tasks), else None
 
     def content_length(self) -> int:
         """Completion tokens not counting the final EOS."""
@@ -184,8 +186,42 @@ class TeacherLogprobMin(Rule):
         return not lps or sum(lps) / len(lps) >= self.value
 
 
+@dataclass
+class MaxToolCalls(Rule):
+    """Episodes: reject one with more than `max` tool calls (assistant turns answered by a tool)."""
+
+    max: int
+    rule: ClassVar[str] = "max_tool_calls"
+    params: ClassVar = {"max": (int,)}
+
+    def keeps(self, view):
+        return view.transcript is None or episode_stats(view.transcript)["tool_calls"] <= self.max
+
+
+@dataclass
+class ToolCallFormat(Rule):
+    """Episodes: every tool call (an assistant turn answered by a tool) must fully match `pattern`."""
+
+    pattern: str
+    rule: ClassVar[str] = "tool_call_format"
+    params: ClassVar = {"pattern": (str,)}
+
+    def __post_init__(self):
+        try:
+            self._compiled = re.compile(self.pattern)
+        except re.error as exc:
+            raise OpdError(f"filter rule 'tool_call_format': bad regular expression {self.pattern!r} ({exc})") from exc
+
+    def keeps(self, view):
+        messages = view.transcript or []
+        calls = [m["content"] for m, nxt in zip(messages, messages[1:])
+                 if m.get("role") == "assistant" and nxt.get("role") == "tool"]
+        return all(self._compiled.fullmatch(c) for c in calls)
+
+
 RULES: dict[str, type[Rule]] = {cls.rule: cls for cls in
-                                (MinTokens, MaxTokens, RegexRule, Repetition, Dedupe, VerifierRule, TeacherLogprobMin)}
+                                (MinTokens, MaxTokens, RegexRule, Repetition, Dedupe, VerifierRule, TeacherLogprobMin,
+                                 MaxToolCalls, ToolCallFormat)}
 
 
 def _type_ok(value, types: tuple[type, ...]) -> bool:

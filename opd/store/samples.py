@@ -42,6 +42,10 @@ def schema(table: str):
             pa.field("teacher", pa.string()),
             pa.field("truncated", pa.bool_()),
             pa.field("source", pa.string()),  # student | teacher | anchor: who wrote the completion
+            # episodes: the messages as JSON, and the model's tokens per assistant turn (completion_ids and
+            # the log-probs are those tokens, every turn's in order); null / empty for single completions
+            pa.field("transcript", pa.string()),
+            pa.field("turn_tokens", pa.list_(pa.int64())),
         ])
     if table == "evals":
         return pa.schema([
@@ -52,6 +56,7 @@ def schema(table: str):
             pa.field("correct", pa.bool_(), nullable=False),
             pa.field("well_formed", pa.bool_()),
             pa.field("task_tag", pa.string()),
+            pa.field("transcript", pa.string()),  # episodes: the messages as JSON
         ])
     raise OpdError(f"unknown sample table {table!r} (valid: {', '.join(TABLES)})")
 
@@ -59,7 +64,8 @@ def schema(table: str):
 def eval_rows(step: int, records: list[dict]) -> list[dict]:
     """Rows for `evals` from `evaluate(...).records` (which name the task tag `tag`)."""
     return [{"step": step, "prompt": r["prompt"], "completion": r["completion"], "expected": r.get("expected"),
-             "correct": r["correct"], "well_formed": r.get("well_formed"), "task_tag": r.get("tag")}
+             "correct": r["correct"], "well_formed": r.get("well_formed"), "task_tag": r.get("tag"),
+             "transcript": r.get("transcript")}
             for r in records]
 
 

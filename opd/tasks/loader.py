@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from opd.errors import OpdError
+from opd.tasks import builtin
 from opd.tasks.builtin import builtin_split
 from opd.tasks.data import load_jsonl
 from opd.tasks.schema import PromptSchema
@@ -18,9 +19,12 @@ class Task:
     verifier: object
     schema: PromptSchema
     source: dict  # where the prompts came from (builtin name + params + seed, or file paths)
+    env: object = None  # multi-turn tasks: the environment (opd/rollout/episodes.py), else None
 
     def describe(self) -> dict:
-        return {**self.source, "verifier": self.verifier.spec, "n_train": len(self.train), "n_eval": len(self.eval)}
+        env = {"env": self.env.spec, "env_params": self.source.get("env_params", {})} if self.env is not None else {}
+        return {**self.source, "verifier": self.verifier.spec, "n_train": len(self.train), "n_eval": len(self.eval),
+                **env}
 
 
 def load_task(cfg) -> Task:
@@ -33,8 +37,15 @@ def load_task(cfg) -> Task:
     else:
         train, held_out = load_jsonl(cfg.train), load_jsonl(cfg.eval)
         source = {"train": str(cfg.train), "eval": str(cfg.eval)}
+    spec = cfg.env or getattr(builtin, "BUILTIN_ENVS", {}).get(cfg.builtin)  # a family may bring its environment
+    env = None
+    if spec:
+        from opd.rollout.episodes import load_env
+
+        env = load_env(spec, cfg.env_params)
+        source["env_params"] = dict(cfg.env_params)
     return Task(train=train, eval=held_out, verifier=make_verifier(cfg.verifier),
-                schema=student_schema(cfg), source=source)
+                schema=student_schema(cfg), source=source, env=env)
 
 
 def student_schema(cfg) -> PromptSchema:
