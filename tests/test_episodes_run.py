@@ -70,3 +70,49 @@ def test_episodes_refuse_what_cannot_read_the_same_transcript(setup):
                 progress=False)
     with pytest.raises(OpdError, match="step\\(\\) must return \\(messages, done\\)|cannot load it"):
         distill(config(root, dirs, "r3", "task.env=python:tests.rollout.toy_envs:Missing"), progress=False)
+
+
+def test_teacher_sampled_episodes_train_sft_and_mixed(setup):
+    """method sft / mixed: the teacher writes the assistant turns of the same environment's episodes."""
+    root, dirs = setup
+    for method in ("sft", "mixed"):
+        run = root / f"run-{method}"
+        distill(config(root, dirs, run.name, f"method.name={method}", "train.steps=2", "train.eval_every=2"),
+                progress=False)
+        rows = SampleStore(run).rows("select source, transcript, turn_tokens, completion_ids from rollouts")
+        assert len(rows) == 16 and all(r["transcript"] for r in rows)
+        if method == "sft":
+            assert {r["source"] for r in rows} == {"teacher"}
+        assert all(sum(r["turn_tokens"]) == len(r["completion_ids"]) for r in rows)
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_ranks_run_the_same_episodes(setup, fsdp):
+    """Episodes end at different turns on different ranks; replicated and FSDP2, the 2-rank job equals one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from opd.config import save_config
+
+    root, dirs = setup
+    single = f"one-{fsdp}"
+    distill(config(root, dirs, single), progress=False)
+    cfg = config(root, dirs, f"two-{fsdp}", f"train.fsdp={str(fsdp).lower()}")
+    path = root / f"two-{fsdp}.yaml"
+    save_config(cfg, path)
+    assert yaml.safe_load(path.read_text())["task"]["env"] == ENV
+    opd = str(Path(sys.executable).parent / "opd")
+    done = subprocess.run([opd, "distill", str(path), "--nproc", "2", "--no-progress"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = [json.loads(line) for line in (root / single / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (root / f"two-{fsdp}" / "metrics.jsonl").read_text().splitlines()]
+    for x, y in zip(a, b):
+        assert (y["kept"], y["episode/turns"], y["episode/tool_calls"]) == (x["kept"], x["episode/turns"],
+                                                                          x["episode/tool_calls"])
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-7)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4, abs=1e-7)

@@ -16,6 +16,7 @@ import torch
 from opd.batch import Rollouts, concat_batches, make_sft_batch
 from opd.errors import OpdError
 from opd.rollout.episodes import run_episodes
+from opd.sharded import gathered
 from opd.world import World
 
 
@@ -43,8 +44,9 @@ class RolloutProducer:
         block = self.cfg.rollout.max_staleness + 1
         if step not in self.ahead:  # start of a block (or of a resumed run): sample the block now
             self.backend.load_weights(model.state_dict(), version=step - 1)
-            for t in range(step, step + block):
-                self.ahead[t] = self._produce(t)
+            with gathered(model):  # FSDP2: one gather for the block, whatever each rank's episodes decode
+                for t in range(step, step + block):
+                    self.ahead[t] = self._produce(t)
         return self.ahead.pop(step)
 
     def _produce(self, step: int) -> Rollouts:
