@@ -31,6 +31,7 @@ from opd.stats import wilson
 from opd.store.manifest import build_manifest
 from opd.store.rundir import read_jsonl
 from opd.store.samples import eval_rows
+from opd.teachers.cross import alignment_metrics
 from opd.sharded import full_model_state, full_optimizer_state, gathered, is_sharded, load_optimizer_state
 from opd.train.step import update, weighted_rows
 from opd.world import World
@@ -166,6 +167,8 @@ def train_step(run: Run, state: State, step: int) -> dict:
                           scores.logprobs if scores is not None else None, rollouts.transcripts)
     everyone = world.gather(views)  # rules such as dedupe judge the whole step's batch, on every rank
     reasons = run.filters.apply(everyone)[world.share(len(everyone))]
+    if getattr(scores, "rejects", None):  # a cross-tokenizer teacher names the rows it could not align
+        reasons = [mine or r for mine, r in zip(scores.rejects, reasons)]
     rows = world.gather(store_rows(step, rollouts.policy_version, batch, examples, views, reasons, names,
                                    rollouts.sources, rollouts.turn_tokens))  # the step's rows, in single-process order
     run.samples.add_rollouts(rows)
@@ -195,7 +198,7 @@ def train_step(run: Run, state: State, step: int) -> dict:
     record = {"step": step, **stats, "lr": lr, "flops": state.flops, "sampled_by": rollouts.sampled_by,
               "policy_lag": lag, "train_reward": sum(r["correct"] for r in rows) / len(rows),
               "anchors": sum(r["source"] == "anchor" for r in rows), "kept": int(kept),
-              **per_teacher_logprob(rows),
+              **per_teacher_logprob(rows), **alignment_metrics(scores, world),
               **{f"reject/{k}": n for k, n in run.filters.reject_counts([r["reject_rule"] for r in rows]).items()},
               **episode_means([r["transcript"] for r in rows]),
               "completion_len": sum(c_lens) / len(c_lens), "truncated_frac": sum(r["truncated"] for r in rows) / len(rows),

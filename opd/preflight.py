@@ -92,6 +92,9 @@ def check_tokens(tokenizer, model, teachers) -> dict:
         if tok is None:
             continue
         theirs = found["teachers"][t.name] = special_tokens(tok)
+        if getattr(t, "cross_tokenizer", False):  # another tokenizer: the student's EOS is mapped explicitly
+            found["notes"].append(f"{t.name}: {t.end_rule}")
+            continue
         if theirs["eos_id"] != mine["eos_id"]:
             raise OpdError(f"EOS differs: the student ends with {mine['eos']!r} (id {mine['eos_id']}) but teacher "
                            f"{t.name!r} with {theirs['eos']!r} (id {theirs['eos_id']}), so the teacher scores "
@@ -147,6 +150,10 @@ def sample_and_score(run, examples) -> list[dict]:
         if isinstance(t, LocalTeacher) and t.schema is not None:
             for i, ids in zip(idx, t.prompts(mine)):
                 rows[i]["teacher_prompt"] = show(t.tokenizer.decode(ids))
+        if getattr(t, "cross_tokenizer", False):  # one aligned example per row: the spans of both tokenizers
+            for i, ids in zip(idx, t.prompts(mine)):
+                rows[i]["teacher_prompt"] = show(t.tokenizer.decode(ids))
+                rows[i]["aligned"] = show(t.show(student, i))
         try:
             answers = t.generate([prompts[i] for i in idx], mine, max_new_tokens=tokens, greedy=True)
         except OpdError:  # e.g. a served teacher without a generation endpoint: scored on samples only
@@ -305,6 +312,8 @@ def print_report(found: dict, out) -> None:
         if r["teacher_prompt"] is not None:
             p(f"      teacher reads   {r['teacher_prompt']!r}")
         p(f"      student sample  {r['student_sample']!r}  teacher {_fmt(r['teacher_logprob_on_sample'])}/token")
+        if r.get("aligned"):
+            p(f"      aligned spans   {r['aligned']}")
         if r["teacher_answer"] is not None:
             p(f"      teacher answer  {r['teacher_answer']!r}  teacher {_fmt(r['teacher_logprob_on_answer'])}/token")
     s, tokens = found["tokens"]["student"], found["tokens"]

@@ -116,3 +116,35 @@ def test_two_ranks_run_the_same_episodes(setup, fsdp):
                                                                           x["episode/tool_calls"])
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-7)
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_a_user_environment_with_a_teacher_made_by_opd_sft_on_transcripts(tmp_path):
+    """The documented user path, no downloads: `opd init-model` (its chat template), `opd sft` on
+    {"messages"} rows of the user's own environment, then `opd distill` with task.env from its module."""
+    from opd.cli.main import main
+
+    rows = [{"prompt": f"a{i}", "answer": str(i % 10)} for i in range(60)]
+    for split, part in (("train", rows[:50]), ("eval", rows[50:])):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    # the teacher's episodes: ask the tool ("?"), read its reply, answer
+    episodes = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": "?"},
+                              {"role": "tool", "content": "ok"}, {"role": "assistant", "content": r["answer"]}]}
+                for r in rows[:50]]
+    (tmp_path / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
+    (tmp_path / "chars.txt").write_text("a0123456789?ok")
+    for name, hidden in (("teacher", 48), ("student", 32)):
+        assert main(["init-model", "--layers", "2", "--hidden", str(hidden), "--heads", "4", "--tokenizer-data",
+                     str(tmp_path / "chars.txt"), "--out", str(tmp_path / f"{name}-init")]) == 0
+    assert main(["sft", "--model", str(tmp_path / "teacher-init"), "--data", str(tmp_path / "episodes.jsonl"),
+                 "--steps", "150", "--batch-size", "16", "--lr", "3e-3", "--warmup", "10",
+                 "--out", str(tmp_path / "teacher"), "--no-progress"]) == 0
+    cfg = load_config(None, [f"teacher.model={tmp_path / 'teacher'}", f"student.model={tmp_path / 'student-init'}",
+                             f"task.train={tmp_path / 'train.jsonl'}", f"task.eval={tmp_path / 'eval.jsonl'}",
+                             f"task.env={ENV}", "task.env_params={max_calls: 1}", "rollout.max_turns=3",
+                             "rollout.batch_size=8", "rollout.max_new_tokens=3", "train.steps=4", "train.eval_every=4",
+                             "train.checkpoint_every=0", "logging.report=false", f"out={tmp_path / 'run'}"])
+    summary = distill(cfg, progress=False)
+    evals = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert evals[0]["teacher_accuracy"] >= 0.9  # the teacher learnt the episodes: one call, then the answer
+    assert summary["steps"] == 4 and evals[-1]["episode/turns"] >= 1

@@ -44,6 +44,51 @@ def build_char_tokenizer(texts, extra_chars: str = ""):
     )
 
 
+TOKENIZERS = ("char", "bpe")
+DEFAULT_BPE_VOCAB = 320  # the 256 bytes + 4 specials + ~60 merges: multi-character tokens on small tasks
+
+
+def build_bpe_tokenizer(texts, vocab_size: int = DEFAULT_BPE_VOCAB):
+    """A byte-level BPE fast tokenizer trained on `texts` (bos/eos/pad/unk first, as in the char one).
+
+    Every byte is in the vocabulary, so any text can be written; merges make tokens of several
+    characters, so a BPE model and a char model of one task have different tokenizers (opd's
+    cross-tokenizer distillation, docs/cross_tokenizer.md)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
+        raise OpdError(f"--vocab-size {vocab_size} is below the {len(alphabet) + len(SPECIAL_TOKENS)} tokens every "
+                       f"byte-level BPE holds (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    texts = [t for t in texts if t]
+    if not texts:
+        raise OpdError("tokenizer data has no text")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tok.token_to_id("<bos>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_tokenizer(kind: str, texts, vocab_size: int | None = None):
+    """`opd init-model --tokenizer`: char (one token per character) or bpe (byte-level BPE)."""
+    if kind == "char":
+        if vocab_size is not None:
+            raise OpdError("--vocab-size applies to --tokenizer bpe only (a char tokenizer has one token per character)")
+        return build_char_tokenizer(texts)
+    if kind == "bpe":
+        return build_bpe_tokenizer(texts, vocab_size or DEFAULT_BPE_VOCAB)
+    raise OpdError(f"unknown --tokenizer {kind!r}; choose one of {', '.join(TOKENIZERS)}")
+
+
 def build_config(arch: str, vocab_size: int, layers: int, hidden: int, heads: int,
                  kv_heads: int | None = None, intermediate: int | None = None,
                  max_positions: int = 512, tokenizer=None):
@@ -72,12 +117,17 @@ def build_config(arch: str, vocab_size: int, layers: int, hidden: int, heads: in
 
 def init_model(arch: str, layers: int, hidden: int, heads: int, tokenizer_texts, out: str | Path,
                seed: int = 0, kv_heads: int | None = None, intermediate: int | None = None,
-               max_positions: int = 512) -> Path:
-    """Randomly initialise a real architecture + char tokenizer and save both (safetensors)."""
+               max_positions: int = 512, tokenizer: str = "char", vocab_size: int | None = None) -> Path:
+    """Randomly initialise a real architecture + a char or byte-level BPE tokenizer (`tokenizer`,
+    `vocab_size` for bpe) and save both (safetensors)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    tokenizer = build_char_tokenizer(tokenizer_texts)
+    from opd.tasks.chat import CHAT_CHARS, add_chat_template
+
+    texts = list(tokenizer_texts) + [CHAT_CHARS] * (tokenizer == "char")  # the chat template's role markers
+    tokenizer = build_tokenizer(tokenizer, texts, vocab_size)
+    add_chat_template(tokenizer)  # opd/tasks/chat.py: one marker per role, assistant turns end with EOS
     config = build_config(arch, len(tokenizer), layers, hidden, heads, kv_heads, intermediate,
                           max_positions, tokenizer)
     torch.manual_seed(seed)

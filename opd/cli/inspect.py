@@ -9,7 +9,9 @@ Where teacher and student disagree: each rollout's completion is shown token by 
 3 tokens of largest |teacher log-prob - student log-prob| in bold red. Tokens are decoded one at a
 time from `completion_ids` with the run's own tokenizer (RUN/student, else the latest checkpoint),
 so highlights sit exactly on the scored tokens. Without a tokenizer the stored completion text is
-shown plain, followed by the positions and ids of those tokens.
+shown plain, followed by the positions and ids of those tokens. A multi-turn episode (a row with a
+`transcript`) is shown turn by turn: the model's turns token by token as above, the environment's
+(tool results, follow-ups) dimmed, a malformed call's tool answer with its error.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from opd.store.rundir import load_tokenizer
 
 TOP_DISAGREEMENTS = 3
 HIGHLIGHT = "bold red"
+ENVIRONMENT = "dim"  # an episode's tool results and other environment messages
 MAX_CELL = 160
 
 
@@ -91,6 +94,7 @@ def rollouts_table(store, args, tokenizer=None):
         s_lp, t_lp = r["student_logprobs"] or [], r["teacher_logprobs"] or []
         gaps = [t - s for s, t in zip(s_lp, t_lp)]
         table.add_row(str(r["step"]), *([_cell(r["task_tag"])] if tasks else []), _cell(r["prompt"]),
+                      episode_text(r, gaps, tokenizer) if r.get("transcript") else
                       completion_text(r["completion"], r["completion_ids"] or [], gaps, tokenizer),
                       "kept" if r["kept"] else Text(r["reject_rule"] or "rejected", style="red"),
                       _yes_no(r["correct"]), f"{sum(gaps) / len(gaps):+.3f}" if gaps else "-")
@@ -112,6 +116,30 @@ def completion_text(completion: str, ids: list[int], gaps: list[float], tokenize
     text = Text()
     for i, tok_id in enumerate(ids):
         text.append(tokenizer.decode([tok_id]), style=HIGHLIGHT if i in top else None)
+    return text
+
+
+def episode_text(row: dict, gaps: list[float], tokenizer=None):
+    """An episode turn by turn, one line each ("assistant: ...", "tool: ..."): the model's turns token by
+    token with the episode's most disagreeing tokens highlighted, the environment's turns dimmed."""
+    from rich.text import Text
+
+    from opd.report.episodes import episode_turns
+
+    turns = episode_turns(row)
+    if turns is None:  # an unreadable transcript: the final answer, as a single-turn row
+        return completion_text(row["completion"], row.get("completion_ids") or [], gaps, tokenizer)
+    top, offset, text = top_disagreements(gaps), 0, Text()
+    for k, turn in enumerate(turns):
+        text.append(("\n" if k else "") + f"{turn.role}: ", style="bold" if turn.from_model else ENVIRONMENT)
+        if not turn.from_model:
+            text.append(_clip(turn.content) + (f"  [error: {turn.error}]" if turn.error else ""), style=ENVIRONMENT)
+        elif tokenizer is None or not turn.ids:
+            text.append(_clip(turn.content))
+        else:
+            for i, tok_id in enumerate(turn.ids):
+                text.append(tokenizer.decode([tok_id]), style=HIGHLIGHT if offset + i in top else None)
+        offset += len(turn.ids)
     return text
 
 
@@ -144,7 +172,8 @@ def failures_table(store, args):
                   caption="; ".join(described) or None)  # e.g. that reverse_addition's answers are written reversed
     _columns(table, [*tasks, ("prompt", {}), ("completion", {}), ("expected", {}), ("well-formed", {"no_wrap": True})])
     for r in rows:
-        table.add_row(*([_cell(r["task_tag"])] if tasks else []), _cell(r["prompt"]), _cell(r["completion"]),
+        table.add_row(*([_cell(r["task_tag"])] if tasks else []), _cell(r["prompt"]),
+                      episode_text(r, []) if r.get("transcript") else _cell(r["completion"]),
                       _cell(r["expected"]), _yes_no(r["well_formed"]))
     return table
 

@@ -44,47 +44,21 @@ def cmd_init_model(args) -> None:
 
     out = init_model(args.arch, args.layers, args.hidden, args.heads, tokenizer_texts(args.tokenizer_data) + [args.extra_chars],
                      args.out, seed=args.seed, kv_heads=args.kv_heads, intermediate=args.intermediate,
-                     max_positions=args.max_positions)
+                     max_positions=args.max_positions, tokenizer=args.tokenizer, vocab_size=args.vocab_size)
     loaded = load_model(str(out))
     print(f"wrote {args.arch} model to {out}: {loaded.num_params:,} parameters, vocabulary {len(loaded.tokenizer)}")
 
 
 def cmd_sft(args) -> None:
-    from opd.backends.devices import resolve_device
-    from opd.backends.hf import load_model
-    from opd.cli.summary import print_sft_summary
-    from opd.tasks.data import load_jsonl
-    from opd.tasks.schema import PromptSchema
-    from opd.train.sft import run_sft
+    from opd.cli.sft import cmd_sft as run  # prompt/answer or messages rows, --env episodes (opd/cli/sft.py)
 
-    if args.steps <= 0 or args.batch_size <= 0 or args.max_new_tokens <= 0:
-        raise OpdError("--steps, --batch-size and --max-new-tokens must be positive")
-    examples = load_jsonl(args.data)
-    schema = PromptSchema.from_spec(args.prompt_schema)
-    eval_fn, held_out = None, []
-    if args.eval:
-        from opd.eval.evaluate import evaluate
-        from opd.tasks.verifiers import make_verifier
-
-        held_out, verifier = load_jsonl(args.eval), make_verifier(args.verifier)
-        eval_fn = lambda model: evaluate(model, loaded.tokenizer, held_out, schema, verifier,  # noqa: E731
-                                         max_new_tokens=args.max_new_tokens, kv_cache_gib=args.kv_cache_gib).accuracy
-    elif args.stop_at is not None:
-        raise OpdError("--stop-at needs --eval DATA.jsonl")
-    loaded = load_model(args.model, trainable=True, device=resolve_device(args.device))
-    result = run_sft(loaded.model, loaded.tokenizer, examples, schema, steps=args.steps, batch_size=args.batch_size,
-                     lr=args.lr, warmup_steps=args.warmup, seed=args.seed, progress=not args.no_progress,
-                     logits_chunk=args.logits_chunk,
-                     eval_fn=eval_fn, eval_every=args.eval_every if eval_fn else 0, stop_at=args.stop_at)
-    loaded.model.save_pretrained(args.out, safe_serialization=True)
-    loaded.tokenizer.save_pretrained(args.out)
-    print_sft_summary(result, args.out, args.steps, eval_n=len(held_out))
+    run(args)
 
 
 def cmd_data(args) -> None:
     import yaml
 
-    from opd.tasks.builtin import builtin_split
+    from opd.tasks.builtin import builtin_split, save_builtin_transcripts
     from opd.tasks.data import save_jsonl
 
     params = {}
@@ -95,7 +69,9 @@ def cmd_data(args) -> None:
     out = Path(args.out)
     save_jsonl(out / "train.jsonl", train)
     save_jsonl(out / "eval.jsonl", held_out)
-    print(f"wrote {len(train)} training and {len(held_out)} held-out rows of {args.builtin} to {out}")
+    extra = save_builtin_transcripts(args.builtin, train, out)  # a tool task's teacher episodes (multi-turn)
+    print(f"wrote {len(train)} training and {len(held_out)} held-out rows of {args.builtin} to {out}"
+          + (f" (and {', '.join(extra)})" if extra else ""))
 
 
 def cmd_eval(args) -> None:
@@ -239,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     no_progress = {"action": "store_true", "help": "no progress bars (for logs and scripts)"}
 
-    p = sub.add_parser("init-model", help="build a randomly initialised model + char tokenizer")
+    p = sub.add_parser("init-model", help="build a randomly initialised model + char or BPE tokenizer")
     p.add_argument("--arch", choices=["qwen3", "llama"], default="qwen3", help="model architecture")
     p.add_argument("--layers", type=int, required=True, help="transformer layers")
     p.add_argument("--hidden", type=int, required=True, help="hidden size (a multiple of --heads)")
@@ -251,12 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-data", required=True,
                    help="JSONL (prompt/answer rows) or text whose characters the tokenizer covers")
     p.add_argument("--extra-chars", default="", help="characters to add (e.g. those of a prompt format string)")
+    p.add_argument("--tokenizer", choices=["char", "bpe"], default="char",
+                   help="char: one token per character; bpe: byte-level BPE trained on --tokenizer-data "
+                        "(a teacher and a student with different tokenizers: docs/cross_tokenizer.md)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="bpe: largest vocabulary, at least 260 (256 bytes + 4 special tokens; default 320)")
     p.add_argument("--out", required=True, help="folder to write (loadable with from_pretrained)")
     p.set_defaults(func=cmd_init_model)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on prompt -> answer (loss on answer + EOS)")
     p.add_argument("--model", required=True, help="model folder or hub name to start from")
-    p.add_argument("--data", required=True, help="training JSONL of {prompt, answer} rows")
+    p.add_argument("--data", required=True,
+                   help="training JSONL of {prompt, answer} rows, or {messages} transcripts (loss on assistant turns)")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps (one random batch each)")
     p.add_argument("--out", required=True, help="folder the trained model and tokenizer are saved to")
     p.add_argument("--batch-size", type=int, default=64, help="rows per step")
@@ -270,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=100, help="steps between evaluations (with --eval)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="for --eval: greedy answer budget in tokens")
     p.add_argument("--stop-at", type=float, default=None, help="stop once eval accuracy reaches this (needs --eval)")
+    from opd.cli.sft import add_env_args
+
+    add_env_args(p)  # --env, --env-param, --max-turns: --eval in multi-turn episodes
     p.add_argument("--device", default="auto", help="auto (the first CUDA GPU, else the CPU) | cpu | cuda | cuda:N")
     p.add_argument("--logits-chunk", type=int, default=0,
                    help="logits per chunk of the loss (memory does not grow with batch x length x vocabulary); "

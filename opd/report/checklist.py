@@ -170,6 +170,8 @@ def check_filters_explicit(run: RunFiles) -> dict:
     if rules is None:
         return item("fail", "the manifest lists no filter rules (key 'filters' missing)")
     names = [r.get("name") or r.get("rule") for r in rules]
+    # a cross-tokenizer teacher rejects the completions it cannot align, under names its entry declares
+    names += [n for t in run.manifest.get("teachers") or [] for n in (t.get("cross_tokenizer") or {}).get("rejects", [])]
     totals: dict[str, int] = {}
     for m in run.metrics:
         for key, value in m.items():

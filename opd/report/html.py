@@ -37,6 +37,8 @@ img{max-width:100%}code,pre,.tok{font-family:ui-monospace,SFMono-Regular,Menlo,m
 pre{background:#f6f8fa;padding:10px;overflow:auto;max-height:480px;font-size:.85em}
 .tok{white-space:pre;border-radius:2px;padding:0 1px}.muted{color:#57606a;font-size:.9em}
 .legend span{padding:1px 6px;margin-right:4px}
+.turn{display:block;margin:1px 0}.role{font-size:.8em;font-weight:600;margin-right:4px}
+.env{color:#8c959f}.env .tok{background:#f6f8fa}
 """
 
 
@@ -168,10 +170,37 @@ def token_colour(gap: float) -> str:
 
 
 def tokens_html(row: dict, tokenizer) -> str:
-    """A completion token by token, coloured by teacher - student log-prob, with the numbers as a tooltip."""
+    """A completion token by token, coloured by teacher - student log-prob, with the numbers as a tooltip;
+    an episode (a row with a transcript) turn by turn (episode_html)."""
+    if row.get("transcript"):
+        return episode_html(row, tokenizer)
     ids, s_lp, t_lp = row["completion_ids"] or [], row["student_logprobs"] or [], row["teacher_logprobs"] or []
+    return _token_spans(ids, s_lp, t_lp, tokenizer, row["completion"])
+
+
+def episode_html(row: dict, tokenizer) -> str:
+    """An episode's turns after its opening messages, one line each: the model's turns token by token,
+    coloured as single completions are, the environment's (tool results, follow-ups) greyed."""
+    from opd.report.episodes import episode_turns
+
+    turns = episode_turns(row)
+    if turns is None:  # an unreadable transcript: its final answer
+        return f"<span class=\"tok\">{escape(row.get('completion') or '')}</span>"
+    lines = []
+    for turn in turns:
+        role = f"<span class=\"role\">{escape(turn.role)}</span>"
+        if turn.from_model:
+            body = _token_spans(turn.ids, turn.student, turn.teacher, tokenizer, turn.content)
+            lines.append(f"<span class=\"turn\">{role}{body}</span>")
+        else:
+            error = f" <i>(error: {escape(str(turn.error))})</i>" if turn.error else ""
+            lines.append(f"<span class=\"turn env\">{role}<span class=\"tok\">{escape(turn.content)}</span>{error}</span>")
+    return "".join(lines)
+
+
+def _token_spans(ids, s_lp, t_lp, tokenizer, text_if_no_ids: str) -> str:
     if not ids:
-        return f"<span class=\"tok\">{escape(row['completion'])}</span>"
+        return f"<span class=\"tok\">{escape(text_if_no_ids)}</span>"
     spans = []
     for i, tok_id in enumerate(ids):
         text = tokenizer.decode([tok_id]) if tokenizer is not None else f"#{tok_id} "
@@ -199,7 +228,8 @@ def samples_section(run: RunFiles) -> str:
               f"<span style=\"background:{token_colour(-GAP_SCALE / 4)}\">slightly</span>"
               "<span>agrees</span>"
               f"<span style=\"background:{token_colour(GAP_SCALE / 2)}\">teacher more confident</span>"
-              " (hover a token for the numbers)" + ("" if tokenizer else "; no tokenizer found, ids shown") + "</p>")
+              " (hover a token for the numbers)" + ("" if tokenizer else "; no tokenizer found, ids shown")
+              + "; in episodes, the environment's turns (tool results) are <span class=\"env\">greyed</span></p>")
     parts = [head, legend]
     accuracy = {e["step"]: e.get("accuracy") for e in run.evals}
     for step in steps:
@@ -243,7 +273,8 @@ def failures_section(run: RunFiles) -> str:
         intro += "<p>Task " + "; ".join(map(escape, described)) + ".</p>"
     tags = [r.get("task_tag") or r.get("tag") or "" for r in rows]
     mixed = len(set(tags)) > 1  # one task is named above the table, not in every row
-    table = [[escape(t)] * mixed + [escape(r["prompt"]), f"<code>{escape(r['completion'])}</code>",
+    table = [[escape(t)] * mixed + [escape(r["prompt"]), episode_html(r, None) if r.get("transcript")
+                                    else f"<code>{escape(r['completion'])}</code>",
                                     f"<code>{escape(str(r.get('expected')))}</code>", _yes_no(r.get("well_formed"))]
              for t, r in zip(tags, rows)]
     headers = ["task"] * mixed + ["prompt", "completion", "expected", "well-formed"]

@@ -4,6 +4,8 @@ They need no downloads and use only the characters `0-9 + = , :`, so a character
 stays tiny. Every prompt ends with "=" and the answer follows directly; all are judged `exact`.
 `reverse_addition` is the demo task (tiny models learn it fast); `running_sum` and
 `scratchpad_addition` are multi-step, so an early mistake makes the rest of the answer wrong.
+`calculator` is the exception: multi-turn tool use ("What is 347*29?", opd/tasks/calculator.py), with
+its environment in BUILTIN_ENVS and teacher transcripts in BUILTIN_TRANSCRIPTS.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from opd.errors import OpdError
+from opd.tasks import calculator
 from opd.tasks.data import Example
 
 Generator = Callable[..., "tuple[str, str]"]  # (rng, **params) -> (prompt, answer)
@@ -102,8 +105,17 @@ BUILTIN_TASKS: dict[str, TaskFamily] = {
                    lambda length: 10**length, {"length": 10}),
         TaskFamily("scratchpad_addition", "a+b= -> per-column steps, then the sum",
                    gen_scratchpad_addition, _pair_space, {"digits": 3}),
+        TaskFamily("calculator", "What is a*b(+-c)? -> its value, with a CALL tool (multi-turn)",
+                   calculator.gen_calculator, calculator.calculator_space, {"digits": 3}),
     )
 }
+
+# a family's default environment (task.env, opd/rollout/episodes.py), read by opd/tasks/loader.py
+BUILTIN_ENVS: dict[str, str] = {"calculator": "python:opd.tasks.calculator:CalculatorEnv"}
+# a family's teacher episode for a row, (prompt, answer) -> messages: `opd data` writes them for `opd sft`
+BUILTIN_TRANSCRIPTS: dict[str, Callable[[str, str], list]] = {"calculator": calculator.transcript}
+# characters a family's episodes may hold beyond its transcripts (the tool's error text, any question)
+BUILTIN_ALPHABETS: dict[str, str] = {"calculator": calculator.ALPHABET}
 
 
 def get_family(name: str) -> TaskFamily:
@@ -166,3 +178,22 @@ def builtin_split(name: str, n_train: int, n_eval: int, seed: int, **params) -> 
             seen.add(ex.prompt)
             held_out.append(ex)
     return train, held_out
+
+
+def save_builtin_transcripts(name: str, examples: list[Example], out) -> list[str]:
+    """For a family with teacher transcripts (BUILTIN_TRANSCRIPTS): `train_messages.jsonl` (the teacher's
+    episode of every example, for `opd sft`) and `chars.txt` (every character its episodes use, the
+    tool's error text included, for `opd init-model --tokenizer-data`) in `out`; the names written."""
+    from pathlib import Path
+
+    from opd.tasks.data import save_transcripts
+
+    make = BUILTIN_TRANSCRIPTS.get(name)
+    if make is None:
+        return []
+    out = Path(out)
+    transcripts = [make(ex.prompt, ex.answer) for ex in examples]
+    save_transcripts(out / "train_messages.jsonl", transcripts)
+    texts = [m["content"] for t in transcripts for m in t] + [BUILTIN_ALPHABETS.get(name, "")]
+    (out / "chars.txt").write_text("".join(sorted(set("".join(texts)))), encoding="utf-8")
+    return ["train_messages.jsonl", "chars.txt"]

@@ -1,8 +1,9 @@
 """Task examples and their JSONL form.
 
-A row is `{"prompt": str, "answer": str, ...}`. Bad rows fail loudly with `PATH:LINE:` so a
-user can fix the file; unknown fields are kept verbatim in `Example.extra` (prompt templates may
-use them, and `save_jsonl` writes them back, so files round-trip).
+A row is `{"prompt": str, "answer": str, ...}` (for `opd sft` also `{"messages": [...]}`, a
+Transcript). Bad rows fail loudly with `PATH:LINE:` so a user can fix the file; unknown fields are
+kept verbatim in `Example.extra` (prompt templates may use them, and `save_jsonl` writes them back,
+so files round-trip).
 """
 
 from __future__ import annotations
@@ -27,8 +28,26 @@ class Example:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Transcript:
+    """A whole chat episode, `[{"role", "content"}, ...]` with at least one assistant message: an SFT
+    row (`{"messages": [...]}`) trained on its assistant turns only (opd/train/sft.py)."""
+
+    messages: list
+    tag: str = DEFAULT_TAG
+
+
 def load_jsonl(path) -> list[Example]:
     """Read examples from a JSONL file; every problem is an OpdError naming the file and line."""
+    return _load(path, _parse_line)
+
+
+def load_sft_rows(path) -> list:
+    """`opd sft` data: rows `{"prompt", "answer"}` (Example) or `{"messages": [...]}` (Transcript), mixed freely."""
+    return _load(path, lambda p, i, line: _parse_line(p, i, line, transcripts=True))
+
+
+def _load(path, parse) -> list:
     p = Path(path)
     if not p.is_file():
         raise OpdError(f"data file not found: {p}")
@@ -36,13 +55,13 @@ def load_jsonl(path) -> list[Example]:
         lines = p.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise OpdError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    examples = [_parse_line(p, i, line) for i, line in enumerate(lines, start=1) if line.strip()]
+    examples = [parse(p, i, line) for i, line in enumerate(lines, start=1) if line.strip()]
     if not examples:
         raise OpdError(f"{p}: no examples")
     return examples
 
 
-def _parse_line(path: Path, lineno: int, line: str) -> Example:
+def _parse_line(path: Path, lineno: int, line: str, transcripts: bool = False):
     where = f"{path}:{lineno}"
     try:
         row = json.loads(line)
@@ -50,6 +69,8 @@ def _parse_line(path: Path, lineno: int, line: str) -> Example:
         raise OpdError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
     if not isinstance(row, dict):
         raise OpdError(f"{where}: expected a JSON object, got {_json_type(row)}")
+    if transcripts and "messages" in row:
+        return _transcript(row, where)
     for name in ("prompt", "answer"):
         if name not in row:
             raise OpdError(f"{where}: missing field '{name}'")
@@ -61,6 +82,31 @@ def _parse_line(path: Path, lineno: int, line: str) -> Example:
     answer = _answer_text(row["answer"], where)
     extra = {k: v for k, v in row.items() if k not in CORE_FIELDS}
     return Example(prompt=row["prompt"], answer=answer, tag=tag, extra=extra)
+
+
+def _transcript(row: dict, where: str) -> Transcript:
+    messages = row["messages"]
+    if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise OpdError(f"{where}: field 'messages' must be a list of {{\"role\": str, \"content\": str}} objects")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise OpdError(f"{where}: the transcript has no assistant message to train on")
+    tag = row.get("tag", DEFAULT_TAG)
+    if not isinstance(tag, str):
+        raise OpdError(f"{where}: field 'tag' must be a string, got {_json_type(tag)}")
+    return Transcript(messages=[dict(m) for m in messages], tag=tag)
+
+
+def save_transcripts(path, transcripts) -> None:
+    """Write message lists (or Transcripts) as `{"messages": [...]}` rows, the form `load_sft_rows` reads."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "w", encoding="utf-8") as f:
+        for t in transcripts:
+            row = {"messages": t.messages, **({"tag": t.tag} if t.tag != DEFAULT_TAG else {})} \
+                if isinstance(t, Transcript) else {"messages": t}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _answer_text(value, where: str) -> str:

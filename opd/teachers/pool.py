@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from opd.backends.hf import check_same_vocab, tokenizer_sha256
+from opd.backends.hf import tokenizer_sha256
 from opd.batch import Batch
 from opd.errors import OpdError
 from opd.objectives.divergences import teacher_topk
@@ -19,6 +19,7 @@ from opd.rollout.prompts import encode_prompts
 from opd.scores import TeacherScores
 from opd.tasks.loader import teacher_schema
 from opd.tasks.schema import PromptSchema
+from opd.teachers.cross import CrossTokenizerTeacher, check_cross_config, with_alignment
 from opd.teachers.local import LocalTeacher
 from opd.teachers.served import ServedTeacher
 
@@ -47,7 +48,9 @@ def load_teachers(cfg, student_tok, student_schema) -> list:
                                vocab_size=len(student_tok))
         teacher.kv_cache_gib, teacher.max_tokens = cfg.rollout.kv_cache_gib, cfg.train.micro_batch_tokens
         teacher.logits_chunk = cfg.train.logits_chunk or teacher.logits_chunk
-        check_same_vocab(teacher.tokenizer, student_tok)
+        if teacher.tokenizer.get_vocab() != student_tok.get_vocab():  # another tokenizer: aligned by text
+            check_cross_config(cfg, name)
+            teacher = CrossTokenizerTeacher(teacher, student_tok, student_schema)
         teachers.append(teacher)
     return teachers
 
@@ -91,6 +94,14 @@ class TeacherPool:
         student_ids = encode_prompts(sample, self.student_schema, self.tokenizer)
         report = {}
         for t in self.teachers:
+            if getattr(t, "cross_tokenizer", False):  # other token ids by design: the same schema = the same prompt
+                schema = t.schema or self.student_schema
+                same = schema.schema_hash() == self.student_schema.schema_hash()
+                report[t.name] = {"identical": same, "hash": schema.schema_hash(), "cross_tokenizer": True}
+                if not same and not allow_mismatch:
+                    raise OpdError(f"prompt schema mismatch: teacher {t.name!r} reads its own prompt schema; set "
+                                   f"task.allow_schema_mismatch: true if the difference is on purpose")
+                continue
             if not isinstance(t, LocalTeacher):  # a served teacher is sent the student's token ids: identical
                 report[t.name] = {"identical": True, "hash": self.student_schema.schema_hash(), "remote": t.remote.url}
                 continue
@@ -117,10 +128,15 @@ class TeacherPool:
         topk = (torch.full((*batch.completion_ids.shape, k), float("-inf")),
                 torch.arange(k).expand(*batch.completion_ids.shape, -1).clone()) if k else None
         names = [""] * rows_all
+        rejects, alignment = [None] * rows_all, {}  # cross-tokenizer teachers: unaligned rows, span counts
         for t, rows in self.split(examples):
             idx = torch.tensor(rows)
             part = t.score(batch.rows(idx), [examples[i] for i in rows])
             logprobs[idx] = part.logprobs
+            for i, reason in zip(rows, getattr(part, "rejects", None) or []):
+                rejects[i] = reason
+            for key, n in (getattr(part, "alignment", None) or {}).items():
+                alignment[key] = alignment.get(key, 0) + n
             for i in rows:
                 names[i] = t.name
             if topk is not None:
@@ -137,8 +153,9 @@ class TeacherPool:
         logprobs = logprobs * batch.completion_mask
         if self.has_logits:
             return TeacherScores(logprobs, hidden, heads, owner), names
-        return TeacherScores(logprobs, owner=owner, topk_logprobs=topk[0] if topk else None,
-                             topk_ids=topk[1] if topk else None), names
+        merged = TeacherScores(logprobs, owner=owner, topk_logprobs=topk[0] if topk else None,
+                               topk_ids=topk[1] if topk else None)
+        return (with_alignment(merged, rejects, alignment) if alignment else merged), names
 
     def describe(self) -> list[dict]:
         return [{**t.describe(), "name": t.name, "tasks": list(t.tasks)} for t in self.teachers]

@@ -270,10 +270,11 @@ def test_health_reports_tokenizer_and_vocabulary(server, model_dir, tmp_path):
 
     tok = load_model(str(model_dir)).tokenizer
     teacher = RemoteTeacher(server, api_key=TOKEN)
-    assert teacher.info() == {"model": str(model_dir), "tokenizer_sha256": tokenizer_sha256(tok), "vocab_size": 19}
-    teacher.check_tokenizer(tok, vocab_size=19)
+    assert len(tok) == 23  # 4 special tokens, 15 characters, 4 chat-template role markers (opd/tasks/chat.py)
+    assert teacher.info() == {"model": str(model_dir), "tokenizer_sha256": tokenizer_sha256(tok), "vocab_size": 23}
+    teacher.check_tokenizer(tok, vocab_size=23)
     other = load_model(str(init_model("qwen3", 1, 32, 2, ["xyz="], tmp_path / "other", seed=0))).tokenizer
     with pytest.raises(OpdError, match="another tokenizer than the student"):
         teacher.check_tokenizer(other)
-    with pytest.raises(OpdError, match="vocabulary of 19 tokens, the student 32"):
+    with pytest.raises(OpdError, match="vocabulary of 23 tokens, the student 32"):
         teacher.check_tokenizer(tok, vocab_size=32)

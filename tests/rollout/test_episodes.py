@@ -175,7 +175,7 @@ def test_episodes_of_different_lengths_batch_together(models):
 def test_an_environment_that_raises_is_one_line_naming_the_row(models):
     env = load_env(TOY + "BrokenEnv", {})
     with pytest.raises(OpdError) as info:
-        episodes(models, env, n=3)
+        scripted_episodes(models, env, lambda p: ["?"], n=3)
     message = str(info.value)
     assert "\n" not in message and "step() failed on the episode of row 'a" in message
     assert "ValueError: tool server down" in message

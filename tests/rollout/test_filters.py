@@ -8,12 +8,20 @@ from opd.rollout.filters import RULES, RolloutView, build_filters
 EOS = 2
 
 
-def view(completion="12", tokens=None, truncated=False, correct=None, teacher=None, prompt="p"):
+def view(completion="12", tokens=None, truncated=False, correct=None, teacher=None, prompt="p", transcript=None):
     """A view whose tokens are one per character (+ EOS unless truncated), like a char tokenizer."""
     if tokens is None:
         tokens = [ord(c) for c in completion] + ([] if truncated else [EOS])
     return RolloutView(prompt=prompt, completion=completion, token_ids=tokens, truncated=truncated,
-                       correct=correct, teacher_logprobs=teacher)
+                       correct=correct, teacher_logprobs=teacher, transcript=transcript)
+
+
+def episode(*calls, answer="5"):
+    """An episode's messages: each call answered by a tool, then the final answer."""
+    turns = [{"role": "user", "content": "q"}]
+    for call in calls:
+        turns += [{"role": "assistant", "content": call}, {"role": "tool", "content": "1"}]
+    return turns + [{"role": "assistant", "content": answer}]
 
 
 CASES = [
@@ -40,6 +48,13 @@ CASES = [
     ({"rule": "teacher_logprob_min", "value": -3.0}, view(teacher=[-1.0, -4.0, -2.0]), True),  # mean -2.33
     ({"rule": "teacher_logprob_min", "value": -2}, view(teacher=[-1.0, -4.0, -2.0]), False),
     ({"rule": "teacher_logprob_min", "value": -1.0}, view(teacher=None), True),
+    ({"rule": "max_tool_calls", "max": 1}, view(transcript=episode("CALL 1+2")), True),
+    ({"rule": "max_tool_calls", "max": 1}, view(transcript=episode("CALL 1+2", "CALL 1+2")), False),
+    ({"rule": "max_tool_calls", "max": 0}, view(), True),  # a single completion has no calls
+    ({"rule": "tool_call_format", "pattern": r"CALL [0-9+*-]+"}, view(transcript=episode("CALL 1+2")), True),
+    ({"rule": "tool_call_format", "pattern": r"CALL [0-9+*-]+"}, view(transcript=episode("CALL 1+2", "CALL x")),
+     False),
+    ({"rule": "tool_call_format", "pattern": r"CALL [0-9+*-]+"}, view(transcript=episode(answer="CALL x")), True),
 ]
 
 

@@ -11,13 +11,14 @@ def rollout(step, completion="12", kept=True, rule=None, correct=None, **kw):
     row = {"step": step, "policy_version": step - 1, "task_tag": "add", "prompt": "1+1=", "completion": completion,
            "completion_ids": [5, 6, 2], "student_logprobs": [-0.5, -1.0, -0.1],
            "teacher_logprobs": [-0.25, -3.0, -0.2], "kept": kept, "reject_rule": rule, "correct": correct,
-           "teacher": "runs/teacher", "truncated": False, "source": "student"}
+           "teacher": "runs/teacher", "truncated": False, "source": "student", "transcript": None,
+           "turn_tokens": []}
     return {**row, **kw}
 
 
 def evaluation(step, correct, completion="2"):
     return {"step": step, "prompt": "1+1=", "completion": completion, "expected": "2", "correct": correct,
-            "well_formed": True, "task_tag": "add"}
+            "well_formed": True, "task_tag": "add", "transcript": None}
 
 
 def test_round_trip_of_both_tables(tmp_path):
@@ -89,7 +90,7 @@ def test_queries_work_before_anything_is_written(tmp_path):
     store = SampleStore(tmp_path)
     assert store.rows("select count(*) as n from rollouts") == [{"n": 0}]
     assert store.query("select * from evals").column_names == \
-        ["step", "prompt", "completion", "expected", "correct", "well_formed", "task_tag"]
+        ["step", "prompt", "completion", "expected", "correct", "well_formed", "task_tag", "transcript"]
 
 
 def test_crash_loses_only_unflushed_rows_and_ignores_temp_files(tmp_path):
