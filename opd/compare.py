@@ -10,6 +10,8 @@ evaluated on the same grids.
 2. OPD runs first: the target is 90% of the teacher's accuracy, and RL gets `rl_budget` x the most FLOPs
    any OPD seed needed to reach it (the upper end of its bracket; x its spent FLOPs if none did),
    and stops at the target (`rl_stop_at_target`: its later accuracy does not change "FLOPs to target").
+3. The teacher does not change, so it is evaluated once (in the pilot, else in the first run) and its
+   accuracy handed to every later run (eval.jsonl's step 0 says `teacher_measured: false` there).
 
 "FLOPs to target" of a run is a bracket [FLOPs of the last evaluation below the target, FLOPs of the
 first at or above it]: the run crossed the target somewhere in between ([0, 0] when it started there;
@@ -165,7 +167,7 @@ def compare(base, methods: list[str], seeds: int, out: str | Path, *, rl_budget:
                                     max_flops=rl_max_flops, stop_at_accuracy=target if rl_stop_at_target else 0.0)
             else:
                 schedule = Schedule(steps=cfg.train.steps, eval_every=step_grid, eval_every_flops=eval_every_flops)
-            summary = distill(cfg, progress=progress, schedule=schedule)
+            summary = distill(cfg, progress=progress, schedule=schedule, teacher_accuracy=teacher_acc)
             if target is None:  # no pilot: the first OPD run measures the teacher
                 teacher_acc = teacher_accuracy(summary)
                 target = 0.9 * teacher_acc

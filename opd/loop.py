@@ -39,10 +39,12 @@ from opd.backends.lora import save_student
 
 
 def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, argv=None,
-            schedule: Schedule | None = None, preflight: bool = True) -> dict:
+            schedule: Schedule | None = None, preflight: bool = True, teacher_accuracy: float | None = None) -> dict:
     """Run on-policy distillation (or another method) as configured; returns summary.json's content.
     `schedule` (opd compare) decides when to evaluate and stop; default: train.steps / train.eval_every.
     `preflight`: check prompts, special tokens and the teacher's log-probs before step 1 (docs/preflight.md).
+    `teacher_accuracy`: the teacher's held-out accuracy when already measured on this eval set (opd compare
+    evaluates a fixed teacher once, not in every run); None = evaluate it at step 0.
     Launched by torchrun, each rank runs this; rank 0 writes the run and returns the summary (docs/distributed.md)."""
     wall_start = time.time()
     schedule = schedule or Schedule.from_train(cfg.train)
@@ -50,7 +52,7 @@ def distill(cfg: DistillConfig, resume: bool = False, progress: bool = True, arg
     progress = progress and world.main
     try:
         run, ckpt = build_run(cfg, resume, world)
-        state = resume_from(run, ckpt) if ckpt else start(run, resume, argv, progress, preflight)
+        state = resume_from(run, ckpt) if ckpt else start(run, resume, argv, progress, preflight, teacher_accuracy)
         return train(run, state, schedule, progress, wall_start)
     finally:
         world.close()
@@ -86,7 +88,8 @@ def train(run: Run, state: State, schedule: Schedule, progress: bool, wall_start
     return finish(run, state, wall_start)
 
 
-def start(run: Run, resume: bool, argv, progress: bool, preflight: bool = True) -> State:
+def start(run: Run, resume: bool, argv, progress: bool, preflight: bool = True,
+          teacher_accuracy: float | None = None) -> State:
     """A new run (or --resume with no checkpoint yet): config, preflight, manifest, step-0 evaluation."""
     if resume:  # start over, dropping whatever the interrupted run logged
         if run.world.main:
@@ -109,12 +112,14 @@ def start(run: Run, resume: bool, argv, progress: bool, preflight: bool = True) 
             cfg, run.teachers, run.student, run.task, run.method, run.objective, run.filters, run.schema_check,
             argv, backend=type(run.backend).__name__), "preflight": checks, "distributed": distributed})
     state = State()
-    state.teacher_accuracy = run.evaluate_teachers(progress)
+    measured = teacher_accuracy is None
+    state.teacher_accuracy = run.evaluate_teachers(progress) if measured else teacher_accuracy
     result = run.evaluate_student("eval student", progress)
     state.student_before, state.eval_n = result.accuracy, result.n
     run.samples.add_evals(eval_rows(0, result.records))
     run.dir.log_eval({"step": 0, "flops": 0.0, "accuracy": result.accuracy, "teacher_accuracy": state.teacher_accuracy,
-                      "n": result.n, **episode_means([r.get("transcript") for r in result.records])})
+                      "teacher_measured": measured, "n": result.n,
+                      **episode_means([r.get("transcript") for r in result.records])})
     run.tracker.log(0, {"eval/accuracy": result.accuracy, "eval/teacher_accuracy": state.teacher_accuracy})
     return state
 

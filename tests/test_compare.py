@@ -3,6 +3,7 @@ comparison whose every evaluation lies on the shared step grid or the shared FLO
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -80,6 +81,7 @@ def test_every_method_is_evaluated_on_the_same_grids(task_and_models, tmp_path):
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     grid = saved["grid"]
     assert grid["eval_every"] == 4 and grid["pilot"]["steps"] == 2
+    assert read(Path(grid["pilot"]["run"]) / "eval.jsonl")[0]["teacher_measured"] is True
     assert grid["eval_every_flops"] == pytest.approx(grid["pilot"]["flops"] / 2 * 8 / 3)
     g = grid["eval_every_flops"]
     for method in ("opd", "sft", "rl"):
@@ -93,6 +95,8 @@ def test_every_method_is_evaluated_on_the_same_grids(task_and_models, tmp_path):
         assert [e["step"] for e in evals] == sorted(due), method
         assert [e["flops"] for e in evals] == pytest.approx([flops[s] for s in sorted(due)])
         assert entry["curve"] == [[[e["flops"], e["accuracy"]] for e in evals]]
+        # the teacher was measured once, in the pilot; every run carries that figure
+        assert evals[0]["teacher_accuracy"] == saved["teacher_accuracy"] and evals[0]["teacher_measured"] is False
         assert entry["flops_to_target"] == [bracket(entry["curve"][0], saved["target"])]
         (lo, hi), acc = entry["final_interval"][0], entry["final_accuracy"][0]
         assert lo <= acc <= hi and hi - lo > 0

@@ -4,6 +4,9 @@ completions, or greedy multi-turn episodes in an environment (`--env`, docs/mult
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from opd.errors import OpdError
 
 
@@ -107,4 +110,9 @@ def cmd_sft(args) -> None:
                      eval_fn=eval_fn, eval_every=args.eval_every if eval_fn else 0, stop_at=args.stop_at)
     loaded.model.save_pretrained(args.out, safe_serialization=True)
     loaded.tokenizer.save_pretrained(args.out)
+    # what made this model, next to it: a teacher trained here can be explained from its folder later
+    record = {"args": {k: v for k, v in vars(args).items() if k not in ("func", "argv")}, "steps": result.steps,
+              "final_loss": result.final_loss, "evals": [{"step": s, "accuracy": a} for s, a in result.evals],
+              "eval_n": len(held_out)}
+    (Path(args.out) / "sft_summary.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     print_sft_summary(result, args.out, args.steps, eval_n=len(held_out))

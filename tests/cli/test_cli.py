@@ -24,6 +24,25 @@ def write_task(root: Path) -> tuple[Path, Path]:
     return train, held_out
 
 
+def test_sft_records_what_made_the_model(tmp_path, capsys):
+    """`opd sft` leaves sft_summary.json next to the weights: its arguments, steps, loss and every
+    evaluation; the last recorded accuracy is what `opd eval` measures on the saved model."""
+    train, held_out = write_task(tmp_path)
+    assert main(["init-model", "--layers", "1", "--hidden", "32", "--heads", "2", "--tokenizer-data", str(train),
+                 "--out", str(tmp_path / "init")]) == 0
+    assert main(["sft", "--model", str(tmp_path / "init"), "--data", str(train), "--steps", "30", "--lr", "3e-3",
+                 "--warmup", "5", "--batch-size", "16", "--eval", str(held_out), "--eval-every", "10",
+                 "--max-new-tokens", "5", "--out", str(tmp_path / "m"), "--no-progress"]) == 0
+    record = json.loads((tmp_path / "m" / "sft_summary.json").read_text())
+    assert record["steps"] == 30 and record["eval_n"] == 8 and record["args"]["lr"] == 3e-3
+    assert [e["step"] for e in record["evals"]] == [10, 20, 30] and record["final_loss"] > 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(held_out), "--max-new-tokens", "5",
+                 "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert measured["accuracy"] == pytest.approx(record["evals"][-1]["accuracy"])
+
+
 @pytest.mark.slow
 def test_own_jsonl_task_init_sft_distill_eval(tmp_path, capsys, monkeypatch):
     """The README's flow, on a user's JSONL task, with nothing special-cased for built-ins."""
