@@ -205,9 +205,18 @@ def plot(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    plot_curves(report, ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(report: dict, ax) -> None:
+    """compare.json's curves on a matplotlib axis (also used by figures that add panels of their own)."""
+    import numpy as np
+
     for method, entry in report["methods"].items():
         curves = entry["curve"]
         grid = np.unique(np.concatenate([np.array(c)[:, 0] for c in curves]))
@@ -223,9 +232,6 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylabel("held-out greedy accuracy")
     ax.legend(loc="center left")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def fmt_bracket(b, spent: float) -> str:

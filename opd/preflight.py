@@ -206,7 +206,8 @@ def judge_logprobs(rows: list[dict], teachers, vocab: int) -> dict:
             warning = (f"teacher {t.name!r} gives the student's samples {on_samples:.2f}/token, below "
                        f"{threshold:.2f} (uniform {uniform:.2f}; its own greedy answers {_fmt(own)}): it is not "
                        f"reading what the student wrote; check task.prompt_schema / task.teacher_prompt_schema "
-                       f"(an instruct teacher wants 'chat'), unless the student writes noise (a random init)")
+                       f"(an instruct teacher wants 'chat'), unless the student writes noise (a random init) or "
+                       f"answers in another format than the teacher (compare the sample and the answer above)")
         found[t.name] = {"own_greedy": own, "student_samples": on_samples, "uniform": round(uniform, 4),
                          "threshold": round(threshold, 4), "low": warning is not None, "warning": warning}
     return found
