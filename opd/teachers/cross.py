@@ -8,8 +8,10 @@ gives every student token of a span the span's advantage log p_T(span) - log p_S
 code is unchanged, and with identical tokenizers every span is one token and the scores are the
 teacher's own log-probs.
 
-Rows that cannot be aligned are scored 0 and named in `scores.rejects` (the loop rejects them with
-that reason before the update); `scores.alignment` holds the step's span counts for the metrics.
+A row that cannot be aligned whole is scored up to its first unreadable token (align_readable), which
+gets the advantage -clip, the estimator's most negative one; the tokens after it get 0. Rejecting such
+rows instead gave them no gradient at all, and a student learnt to write special tokens to escape the
+teacher (docs/cross_tokenizer.md). `scores.alignment` holds the step's span and cut counts for the metrics.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from opd.errors import OpdError
 from opd.rollout.prompts import turn_end_id
 from opd.rollout.sampler import decode_completions
 from opd.scores import TeacherScores
-from opd.teachers.align import UNALIGNED, Aligned, align, span_scores
+from opd.config import ObjectiveConfig
+from opd.teachers.align import UNALIGNED, Aligned, Extensions, align_readable, marginal_logprobs, row_scores
 from opd.teachers.local import score as local_score
 
 RULE = ("text spans: each side's token boundaries are the character positions of its decoded prefixes; "
@@ -31,6 +34,9 @@ RULE = ("text spans: each side's token boundaries are the character positions of
 # methods whose rows the teacher writes: its tokens are not the student's, and the sampled estimator
 # would need the teacher's sampling log-probs in the student's tokens
 TEACHER_SAMPLED = ("mixed", "kd")
+# counts per step besides the spans: rows cut at an unreadable token, by reason, and rows truncated inside a
+# character (their cut bytes are left unscored, not penalised)
+CUTS = tuple(f"penalised_{name}" for name in UNALIGNED) + ("cut_char_at_end",)
 
 
 def teacher_end(schema, tokenizer) -> tuple[int, str]:
@@ -64,24 +70,33 @@ def check_cross_config(cfg, name: str) -> None:
                            f"(the span estimator uses the student's sampling log-probs as its on-policy ones)")
 
 
-def with_alignment(scores: TeacherScores, rejects: list, alignment: dict) -> TeacherScores:
-    """`scores` carrying per-row reject reasons (None = aligned) and the batch's alignment counts."""
-    scores.rejects, scores.alignment = rejects, alignment
+def unreadable_penalty(objective) -> float:
+    """The penalty of an unreadable token: the clip the sampled estimator will use, so that it reads as
+    exactly -clip (`auto` turns the default clip 5 into 1, opd/run.py); the default clip when clipping is
+    off, so that the penalty stays finite."""
+    if objective.clip is None:
+        return ObjectiveConfig.clip
+    return 1.0 if objective.name == "auto" and objective.clip == ObjectiveConfig.clip else objective.clip
+
+
+def with_alignment(scores: TeacherScores, alignment: dict) -> TeacherScores:
+    """`scores` carrying the batch's alignment counts."""
+    scores.alignment = alignment
     return scores
 
 
 def alignment_metrics(scores, world) -> dict:
     """The step's alignment metrics (every rank's rows): share of 1:1 spans, mean span length on each side,
-    completions that could not be aligned. {} when no cross-tokenizer teacher scored."""
+    completions cut at an unreadable token (by reason). {} when no cross-tokenizer teacher scored."""
     counts = getattr(scores, "alignment", None)
     if not counts:
         return {}
-    spans, one, s_tok, t_tok, bad = world.sum(*(counts[k] for k in
-                                                ("spans", "one_to_one", "student_tokens", "teacher_tokens", "unaligned")))
+    keys = ("spans", "one_to_one", "student_tokens", "teacher_tokens", "unaligned") + CUTS
+    spans, one, s_tok, t_tok, bad, *cuts = world.sum(*(counts.get(k, 0) for k in keys))
     per = max(spans, 1)
-    return {**{f"reject/{name}": 0 for name in UNALIGNED},  # the loop's counts of the rows rejected override these
-            "align/one_to_one": one / per, "align/student_span_len": s_tok / per,
-            "align/teacher_span_len": t_tok / per, "align/unaligned": int(bad)}
+    return {"align/one_to_one": one / per, "align/student_span_len": s_tok / per,
+            "align/teacher_span_len": t_tok / per, "align/unaligned": int(bad),
+            **{f"align/{k}": int(n) for k, n in zip(CUTS, cuts)}}
 
 
 def completions(batch: Batch) -> list[tuple[list[int], bool]]:
@@ -109,8 +124,10 @@ class CrossTokenizerTeacher:
     top_k = 0  # no top-k over the student's vocabulary: the sampled estimator
     cross_tokenizer = True
 
-    def __init__(self, inner, student_tokenizer, student_schema):
+    def __init__(self, inner, student_tokenizer, student_schema, penalty: float = 1.0):
         self.inner, self.student_tokenizer, self.student_schema = inner, student_tokenizer, student_schema
+        self.penalty = penalty  # an unreadable token's advantage is -penalty (unreadable_penalty: -clip)
+        self.extensions = Extensions(inner.tokenizer)
         self.name, self.tasks = inner.name, inner.tasks
         inner.vocab_size = len(inner.tokenizer)  # its own real ids, not the student's
         inner.student_schema = inner.student_schema or student_schema
@@ -134,34 +151,54 @@ class CrossTokenizerTeacher:
     def prepare(self, examples) -> None:
         self.inner.prepare(examples)
 
-    def align(self, batch: Batch) -> list[Aligned | str]:
+    def align(self, batch: Batch) -> list[Aligned]:
         eos = self.student_tokenizer.eos_token_id
-        return [align(self.student_tokenizer, self.tokenizer, ids, ended=ended and bool(ids) and ids[-1] == eos,
-                      teacher_end_id=self.end_id) for ids, ended in completions(batch)]
+        return [align_readable(self.student_tokenizer, self.tokenizer, ids,
+                               ended=ended and bool(ids) and ids[-1] == eos, teacher_end_id=self.end_id)
+                for ids, ended in completions(batch)]
 
     def score(self, batch: Batch, examples) -> TeacherScores:
         rows = self.align(batch)
-        good = [i for i, r in enumerate(rows) if isinstance(r, Aligned)]
         logprobs = torch.zeros(batch.completion_ids.shape)
-        counts = {"spans": 0, "one_to_one": 0, "student_tokens": 0, "teacher_tokens": 0,
-                  "unaligned": len(rows) - len(good)}
-        if good:
-            pad = self.tokenizer.pad_token_id
-            prompt_ids, prompt_mask = left_pad(self.prompts([examples[i] for i in good]), pad)
-            ids, mask = right_pad([rows[i].teacher_ids for i in good], pad)
-            tbatch = Batch(prompt_ids, prompt_mask, ids, mask, torch.zeros(ids.shape),
-                           torch.zeros(len(good), dtype=torch.bool))
-            teacher_lp = local_score(self.model, tbatch, self.inner.hidden(tbatch), self.inner.vocab_size,
-                                     self.inner.logits_chunk).logprobs.double().tolist()
-            sample_lp = batch.sample_logprobs.double().tolist()
-            for k, i in enumerate(good):
-                r = rows[i]
-                n = r.spans[-1][0][1] if r.spans else 0
-                logprobs[i, :n] = torch.tensor(span_scores(sample_lp[i][:n], teacher_lp[k], r.spans))
-                for key, v in r.stats().items():
-                    counts[key] += v
-        rejects = [None if isinstance(r, Aligned) else r for r in rows]
-        return with_alignment(TeacherScores(logprobs), rejects, counts)
+        counts = dict.fromkeys(("spans", "one_to_one", "student_tokens", "teacher_tokens", "unaligned") + CUTS, 0)
+        pad = self.tokenizer.pad_token_id
+        prompt_ids, prompt_mask = left_pad(self.prompts(examples), pad)
+        ids, mask = right_pad([r.teacher_ids for r in rows], pad)
+        tbatch = Batch(prompt_ids, prompt_mask, ids, mask, torch.zeros(ids.shape),
+                       torch.zeros(len(rows), dtype=torch.bool))
+        scored = local_score(self.model, tbatch, self.inner.hidden(tbatch), self.inner.vocab_size,
+                             self.inner.logits_chunk)
+        teacher_lp = scored.logprobs.double().tolist()
+        extension_lp = self.extension_logprobs(scored, ids, mask)
+        sample_lp = batch.sample_logprobs.double().tolist()
+        lengths = batch.completion_mask.sum(-1).tolist()
+        for i, r in enumerate(rows):
+            n = int(lengths[i])
+            teacher = marginal_logprobs(teacher_lp[i], extension_lp[i], r.spans)
+            logprobs[i, :n] = torch.tensor(row_scores(sample_lp[i][:n], teacher, r, self.penalty))
+            for key, v in r.stats().items():
+                counts[key] += v
+            if r.cut is not None:
+                counts["unaligned"] += 1
+                counts[f"penalised_{r.reason}" if r.penalised else "cut_char_at_end"] += 1
+        return with_alignment(TeacherScores(logprobs), counts)
+
+    def extension_logprobs(self, scored: TeacherScores, ids: torch.Tensor, mask: torch.Tensor,
+                           chunk: int = 256) -> list[list[float]]:
+        """Per teacher token, log sum_{v in Extensions(token)} p_T(v) (float64); the token's own log-prob
+        where it has no extension. Logits only at the positions with extensions, `chunk` at a time."""
+        out = scored.logprobs.double().tolist()
+        where = [(i, j, self.extensions(t)) for i, row in enumerate(ids.tolist()) for j, t in enumerate(row)
+                 if mask[i, j] and len(self.extensions(t)) > 1]
+        for lo in range(0, len(where), chunk):
+            part = where[lo:lo + chunk]
+            rows, cols = torch.tensor([w[0] for w in part]), torch.tensor([w[1] for w in part])
+            hidden = scored.hidden[0][rows.to(scored.hidden[0].device), cols.to(scored.hidden[0].device)]
+            with torch.no_grad():
+                logp = torch.log_softmax(scored.heads[0](hidden).double(), -1).cpu()
+            for k, (i, j, ext) in enumerate(part):
+                out[i][j] = float(torch.logsumexp(logp[k, ext], 0))
+        return out
 
     def generate(self, prompts, examples, *, max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
                  uniforms=None) -> Batch:
@@ -185,15 +222,18 @@ class CrossTokenizerTeacher:
             "teacher_tokenizer_sha256": tokenizer_sha256(self.tokenizer),
             "student_vocab_size": len(self.student_tokenizer), "teacher_vocab_size": len(self.tokenizer),
             "alignment": RULE, "end": self.end_rule, "estimator": "span-level sampled reverse KL",
-            "rejects": list(UNALIGNED)}}
+            "span_score": "log-prob of the span's text (its last teacher token's extensions summed)",
+            "unreadable": {"reasons": list(UNALIGNED), "penalty": -self.penalty,
+                           "rule": "scored up to the first unreadable token, which gets the penalty; 0 after it"}}}
 
     def show(self, batch: Batch, row: int = 0) -> str | None:
-        """One row's alignment for the preflight: the student's spans | the teacher's, or its reject reason."""
+        """One row's alignment for the preflight: the student's spans <-> the teacher's, then for a cut row its
+        first unreadable token and why."""
         r = self.align(batch.rows(slice(row, row + 1)))[0]
-        if not isinstance(r, Aligned):
-            return f"not aligned: {r}"
         ids = completions(batch.rows(slice(row, row + 1)))[0][0]
         s_tok, t_tok = self.student_tokenizer, self.tokenizer
         student = " ".join("|".join(s_tok.convert_ids_to_tokens(ids[a:b])) for (a, b), _ in r.spans)
         teacher = " ".join("|".join(t_tok.convert_ids_to_tokens(r.teacher_ids[a:b])) for _, (a, b) in r.spans)
-        return f"student {student}  <->  teacher {teacher}"
+        cut = "" if r.cut is None else f"  (then {s_tok.convert_ids_to_tokens(ids[r.cut])!r} unreadable: {r.reason}, " \
+            f"{'penalised' if r.penalised else 'not scored'})"
+        return f"student {student}  <->  teacher {teacher}{cut}"

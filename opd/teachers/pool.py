@@ -19,7 +19,7 @@ from opd.rollout.prompts import encode_prompts
 from opd.scores import TeacherScores
 from opd.tasks.loader import teacher_schema
 from opd.tasks.schema import PromptSchema
-from opd.teachers.cross import CrossTokenizerTeacher, check_cross_config, with_alignment
+from opd.teachers.cross import CrossTokenizerTeacher, check_cross_config, unreadable_penalty, with_alignment
 from opd.teachers.local import LocalTeacher
 from opd.teachers.served import ServedTeacher
 
@@ -50,7 +50,7 @@ def load_teachers(cfg, student_tok, student_schema) -> list:
         teacher.logits_chunk = cfg.train.logits_chunk or teacher.logits_chunk
         if teacher.tokenizer.get_vocab() != student_tok.get_vocab():  # another tokenizer: aligned by text
             check_cross_config(cfg, name)
-            teacher = CrossTokenizerTeacher(teacher, student_tok, student_schema)
+            teacher = CrossTokenizerTeacher(teacher, student_tok, student_schema, unreadable_penalty(cfg.objective))
         teachers.append(teacher)
     return teachers
 
@@ -128,13 +128,11 @@ class TeacherPool:
         topk = (torch.full((*batch.completion_ids.shape, k), float("-inf")),
                 torch.arange(k).expand(*batch.completion_ids.shape, -1).clone()) if k else None
         names = [""] * rows_all
-        rejects, alignment = [None] * rows_all, {}  # cross-tokenizer teachers: unaligned rows, span counts
+        alignment = {}  # cross-tokenizer teachers: span and cut counts
         for t, rows in self.split(examples):
             idx = torch.tensor(rows)
             part = t.score(batch.rows(idx), [examples[i] for i in rows])
             logprobs[idx] = part.logprobs
-            for i, reason in zip(rows, getattr(part, "rejects", None) or []):
-                rejects[i] = reason
             for key, n in (getattr(part, "alignment", None) or {}).items():
                 alignment[key] = alignment.get(key, 0) + n
             for i in rows:
@@ -155,7 +153,7 @@ class TeacherPool:
             return TeacherScores(logprobs, hidden, heads, owner), names
         merged = TeacherScores(logprobs, owner=owner, topk_logprobs=topk[0] if topk else None,
                                topk_ids=topk[1] if topk else None)
-        return (with_alignment(merged, rejects, alignment) if alignment else merged), names
+        return (with_alignment(merged, alignment) if alignment else merged), names
 
     def describe(self) -> list[dict]:
         return [{**t.describe(), "name": t.name, "tasks": list(t.tasks)} for t in self.teachers]

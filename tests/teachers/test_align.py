@@ -13,8 +13,9 @@ from opd.backends.hf import build_bpe_tokenizer, build_char_tokenizer
 from opd.errors import OpdError
 from opd.tasks.data import Example
 from opd.tasks.schema import PromptSchema
-from opd.teachers.align import (UNALIGNED_BYTES, UNALIGNED_SPECIAL, UNALIGNED_TEXT, Aligned, align, decode,
-                                group_spans, prefix_ends, span_scores)
+from opd.teachers.align import (UNALIGNED_BYTES, UNALIGNED_SPECIAL, UNALIGNED_TEXT, Aligned, Extensions, align,
+                                align_readable, decode, group_spans, marginal_logprobs, prefix_ends, row_scores,
+                                span_scores)
 from opd.teachers.cross import teacher_end
 
 TEXTS = ["123+456=975", "héllo wörld 12 34", "ab  cd\n ef", "naïve café — ok"] * 4
@@ -178,6 +179,86 @@ def test_span_scores_give_each_student_token_the_span_advantage():
     assert math.isclose(sum(many), sum(teacher), rel_tol=1e-12)
     one = span_scores([-0.7, -0.9], [-0.3, -0.4], [((0, 1), (0, 1)), ((1, 2), (1, 2))])
     assert one == [-0.3, -0.4]  # 1:1 spans: the teacher's own log-probs, exactly
+
+
+# -- a span's teacher score is its text's probability, not its tokens' --------------------------------
+def test_extensions_are_the_tokens_that_start_with_a_tokens_text(bpe, char):
+    ext = Extensions(bpe)
+    specials = set(bpe.all_special_ids)
+    for token in bpe("123+456=975 héllo", add_special_tokens=False).input_ids + ids_of(bpe, *"123hé"):
+        spelt = bpe.convert_ids_to_tokens(token)
+        want = sorted(i for s, i in bpe.get_vocab().items() if s.startswith(spelt) and i not in specials)
+        assert sorted(ext(token)) == want and token in want
+    assert any(len(ext(t)) > 1 for t in ids_of(bpe, *"123h"))  # single characters that merges start with
+    assert ext(bpe.eos_token_id) == [bpe.eos_token_id]
+    assert all(Extensions(char)(t) == [t] for t in char("123+456", add_special_tokens=False).input_ids)
+
+
+def test_marginal_logprobs_credit_each_span_with_its_texts_probability():
+    # teacher tokens "6" "3" <eos>: p("6") = 0.3 and p("61") = 0.6, so the text "6" has probability 0.9;
+    # given "6" as a token (no merge followed), "3" has probability 0.5
+    lp = [math.log(0.3), math.log(0.5), math.log(0.8)]
+    lpx = [math.log(0.9), math.log(0.5), math.log(0.8)]
+    spans = [((0, 1), (0, 1)), ((1, 2), (1, 2)), ((2, 3), (2, 3))]
+    out = marginal_logprobs(lp, lpx, spans)
+    assert out[0] == pytest.approx(math.log(0.9))  # "6": Q("6")
+    assert out[1] == pytest.approx(math.log(0.3 / 0.9 * 0.5))  # "3": Q("63") / Q("6")
+    assert out[2] == pytest.approx(math.log(0.8)) and sum(out) == pytest.approx(sum(lp))
+    # a span of two teacher tokens moves only its last one's extension; no extensions: unchanged
+    two = marginal_logprobs([-1.0, -2.0, -0.5], [-0.7, -1.5, -0.5], [((0, 2), (0, 2)), ((2, 3), (2, 3))])
+    assert two == pytest.approx([-1.0, -1.5, -0.5 - 0.5])
+    assert marginal_logprobs(lp, lp, spans) == lp
+
+
+# -- rows the teacher cannot read whole: scored up to the first unreadable token ----------------------
+def test_a_special_token_cuts_the_row_before_it(bpe, char):
+    ids = bpe("12 34", add_special_tokens=False).input_ids
+    row = ids[:2] + [bpe.pad_token_id] + ids[2:] + [bpe.eos_token_id]
+    r = align_readable(bpe, char, row, ended=True, teacher_end_id=char.eos_token_id)
+    assert (r.cut, r.reason, r.penalised, r.ended) == (2, UNALIGNED_SPECIAL, True, False)
+    assert r.text == decode(bpe, ids[:2]) and r.teacher_ids == char(r.text, add_special_tokens=False).input_ids
+    check_spans(bpe, char, ids[:2], r)
+    # a special token first: nothing readable, the first token is the cut
+    first = align_readable(bpe, char, [bpe.bos_token_id] + ids, ended=False, teacher_end_id=char.eos_token_id)
+    assert (first.cut, first.spans, first.teacher_ids) == (0, [], [])
+    # a row aligned whole is not cut
+    assert align_readable(bpe, char, ids, ended=False, teacher_end_id=char.eos_token_id).cut is None
+
+
+def test_a_character_cut_mid_text_is_penalised_but_not_one_cut_by_truncation(bpe, char):
+    e1, e2 = ids_of(bpe, "Ã", "©")  # the two UTF-8 bytes of "é"
+    caf = bpe("caf", add_special_tokens=False).input_ids
+    # "caf" + a lone first byte + "x": invalid text written mid-row
+    mid = align_readable(bpe, char, caf + [e1] + ids_of(bpe, "x"), ended=False, teacher_end_id=char.eos_token_id)
+    assert (mid.cut, mid.reason, mid.penalised, mid.text) == (len(caf), UNALIGNED_BYTES, True, "caf")
+    # "caf" + the first byte, then sampling stopped: nothing wrong was written, the byte is left unscored
+    end = align_readable(bpe, char, caf + [e1], ended=False, teacher_end_id=char.eos_token_id)
+    assert (end.cut, end.reason, end.penalised) == (len(caf), UNALIGNED_BYTES, False)
+    # the same cut before an EOS is the student's doing
+    eos = align_readable(bpe, char, caf + [e1, bpe.eos_token_id], ended=True, teacher_end_id=char.eos_token_id)
+    assert (eos.cut, eos.penalised) == (len(caf), True)
+    assert align_readable(bpe, char, caf + [e1, e2], ended=False, teacher_end_id=char.eos_token_id).cut is None
+
+
+def test_text_the_teacher_cannot_write_cuts_at_its_first_token(bpe):
+    other = build_char_tokenizer(["0123 "])
+    ids = ids_of(bpe, "1", "2", "3", "Ġ", "1", "x", "2", "x")  # "123 1x2x": the teacher has no "x"
+    r = align_readable(bpe, other, ids, ended=False, teacher_end_id=other.eos_token_id)
+    assert (r.cut, r.reason, r.penalised, r.text) == (5, UNALIGNED_TEXT, True, "123 1")
+    check_spans(bpe, other, ids[:5], r)
+
+
+def test_row_scores_penalise_the_cut_token_and_leave_the_rest_unscored(bpe, char):
+    sample = [-0.5, -1.0, -0.25, -2.0, -0.75]
+    teacher = [-0.1, -0.2]
+    r = Aligned("ab", [7, 8], [((0, 2), (0, 1)), ((2, 3), (1, 2))], False, cut=3, reason=UNALIGNED_SPECIAL,
+                penalised=True)
+    out = row_scores(sample, teacher, r, penalty=1.5)
+    assert out[:3] == span_scores(sample[:3], teacher, r.spans)
+    assert out[3] == sample[3] - 1.5 and out[4] == sample[4]  # advantage -1.5, then 0
+    unscored = row_scores(sample, teacher, Aligned("ab", [7, 8], r.spans, False, cut=3, reason=UNALIGNED_BYTES), 1.5)
+    assert unscored[3:] == sample[3:]
+    assert row_scores(sample[:3], teacher, Aligned("ab", [7, 8], r.spans, False), 1.5) == out[:3]
 
 
 # -- a real tokenizer pair -------------------------------------------------------------------------

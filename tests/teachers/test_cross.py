@@ -1,8 +1,9 @@
 """The cross-tokenizer teacher (opd/teachers/cross.py): its scores feed the unchanged sampled estimator.
 
 - identical tokenizers: loss and gradient equal the same-tokenizer sampled estimator (rel 1e-6);
-- different tokenizers: the loss equals a float64 reference of the span-level estimator;
-- loading, routing, reject reasons, metrics, the teacher's own answers, the manifest entry.
+- different tokenizers: loss and gradient equal a float64 reference of the span-level estimator, rows
+  cut at an unreadable token included (that token penalised, the rest unscored);
+- loading, routing, cut counts, metrics, the teacher's own answers, the manifest entry.
 """
 
 from __future__ import annotations
@@ -107,43 +108,105 @@ def test_identical_tokenizers_give_the_same_loss_and_gradient(models):
     torch.testing.assert_close(grad_b, grad_a, rtol=1e-6, atol=1e-6 * float(grad_a.abs().max()))
 
 
+def reference(student_model, teacher, batch, rows, clip=1.0):
+    """Float64 loss and gradient of the span estimator, each side scored on its own tokens:
+    -(sum_spans clip(lpT(span) - lpS(span)) lpS(span) + sum_cut max(-penalty, -clip) lpS(cut token)) / N,
+    lpT(span) = log Q(text to its end) - log Q(text before it), Q(x) = the teacher's probability that the
+    text starts with x: its tokens before the last one of x, then any token whose text starts with that one's."""
+    model64 = copy.deepcopy(student_model).double().requires_grad_(True)
+    s_lp = token_logprobs(completion_logits(model64, batch).double(), batch.completion_ids)
+    t_model = copy.deepcopy(teacher.model).double()
+    t_tok, loss, n = teacher.tokenizer, 0.0, batch.completion_mask.sum()
+    texts = {i: t_tok.decode([i]) for i in range(len(t_tok)) if i not in t_tok.all_special_ids}
+    for i, r in enumerate(rows):
+        t_ids = torch.tensor([encode_prompts([EXAMPLES[i]], SCHEMA, t_tok)[0] + r.teacher_ids])
+        t_logits = t_model(input_ids=t_ids).logits[0, t_ids.shape[1] - len(r.teacher_ids) - 1:-1]
+        t_logp = torch.log_softmax(t_logits.double(), -1)
+        t_lp = t_logp.gather(-1, torch.tensor(r.teacher_ids, dtype=torch.long)[:, None])[:, 0]
+
+        def log_q(k):  # text up to the end of teacher token k - 1
+            if k == 0:
+                return 0.0
+            last = r.teacher_ids[k - 1]
+            ext = [v for v, x in texts.items() if last in texts and x.startswith(texts[last])] or [last]
+            return t_lp[:k - 1].sum() + torch.logsumexp(t_logp[k - 1, ext], 0)
+        for (a, b), (c, d) in r.spans:
+            span = log_q(d) - log_q(c)
+            adv = sampled_token_advantage(s_lp[i, a:b].sum()[None, None], span[None, None], clip=clip)
+            loss = loss - adv * s_lp[i, a:b].sum()
+        if r.cut is not None and r.penalised:  # the first unreadable token; the tokens after it: advantage 0
+            loss = loss - max(-teacher.penalty, -clip) * s_lp[i, r.cut]
+    loss = loss / n
+    loss.backward()
+    return float(loss.detach()), torch.cat([p.grad.flatten() for p in model64.parameters()])
+
+
 def test_other_tokenizers_give_the_span_estimator_of_a_float64_reference(models):
     student = load_model(str(models["bpe"]))
     tok = student.tokenizer
     batch = on_policy(student.model, written(tok, ["64", "2", "héllo", "99+1"]))
     teacher = cross(models["char_a"], tok)
     rows = teacher.align(batch)
-    good = torch.tensor([isinstance(r, Aligned) for r in rows])
-    assert good.all() and any(r.stats()["one_to_one"] < r.stats()["spans"] for r in rows)
-    kept = batch.rows(good)
-    loss, _ = one_update(student.model, teacher, kept)
-    # reference: -sum_spans clip(lpT(span) - lpS(span)) * lpS(span) / N, float64, teacher scored on its own tokens
-    model64 = copy.deepcopy(student.model).double()
-    s_lp = token_logprobs(completion_logits(model64, kept).double(), kept.completion_ids)
-    t_model = teacher.model.double()
-    ref, n = 0.0, int(kept.completion_mask.sum())
-    for k, (i, r) in enumerate((i, r) for i, r in enumerate(rows) if isinstance(r, Aligned)):
-        t_ids = torch.tensor([encode_prompts([EXAMPLES[i]], SCHEMA, teacher.tokenizer)[0] + r.teacher_ids])
-        t_logits = t_model(input_ids=t_ids).logits[0, -len(r.teacher_ids) - 1:-1]
-        t_lp = torch.log_softmax(t_logits.double(), -1).gather(-1, torch.tensor(r.teacher_ids)[:, None])[:, 0]
-        for (a, b), (c, d) in r.spans:
-            adv = sampled_token_advantage(s_lp[k, a:b].sum()[None, None], t_lp[c:d].sum()[None, None], clip=1.0)
-            ref -= float(adv) * float(s_lp[k, a:b].sum())
-    teacher.model.float()
-    assert loss == pytest.approx(ref / n, rel=1e-5)
+    assert all(r.cut is None for r in rows) and any(r.stats()["one_to_one"] < r.stats()["spans"] for r in rows)
+    loss, grad = one_update(student.model, teacher, batch)
+    ref, ref_grad = reference(student.model, teacher, batch, rows)
+    assert loss == pytest.approx(ref, rel=1e-5)
+    torch.testing.assert_close(grad, ref_grad.float(), rtol=1e-4, atol=1e-4 * float(ref_grad.abs().max()))
 
 
-def test_unaligned_rows_are_named_and_counted(models):
+def test_a_bpe_teacher_scores_a_char_students_spans_by_their_text(models):
+    student = load_model(str(models["char_a"]))
+    tok = student.tokenizer
+    batch = on_policy(student.model, written(tok, ["64", "21", "001", "99+1"]))
+    teacher = cross(models["bpe"], tok)
+    rows = teacher.align(batch)
+    assert all(r.cut is None for r in rows) and any(r.stats()["one_to_one"] < r.stats()["spans"] for r in rows)
+    extended = [t for r in rows for t in r.teacher_ids if len(teacher.extensions(t)) > 1]
+    assert extended  # some spans end on a token that merges further ("6" -> "64"): their text credit moves
+    loss, grad = one_update(student.model, teacher, batch)
+    ref, ref_grad = reference(student.model, teacher, batch, rows)
+    assert loss == pytest.approx(ref, rel=1e-5)
+    torch.testing.assert_close(grad, ref_grad.float(), rtol=1e-4, atol=1e-4 * float(ref_grad.abs().max()))
+
+
+@pytest.mark.parametrize("penalty", [0.5, 3.0])  # under the clip: -penalty; over it: -clip
+def test_a_row_cut_at_an_unreadable_token_is_penalised_there(models, penalty):
+    student = load_model(str(models["bpe"]))
+    tok = student.tokenizer
+    batch = written(tok, ["64", "2", "héllo", "99+1"], ended=(True, True, True, True))
+    assert batch.completion_mask[3].sum() > 3
+    batch.completion_ids[3, 1] = tok.pad_token_id  # a special token mid-completion, readable text after it
+    batch.completion_ids[1, 1] = tok.bos_token_id  # and one in place of the EOS
+    batch = on_policy(student.model, batch)
+    teacher = cross(models["char_a"], tok)
+    teacher.penalty = penalty
+    rows = teacher.align(batch)
+    assert [(r.cut, r.reason) for r in rows] == [(None, None), (1, UNALIGNED_SPECIAL), (None, None),
+                                                 (1, UNALIGNED_SPECIAL)]
+    loss, grad = one_update(student.model, teacher, batch)
+    ref, ref_grad = reference(student.model, teacher, batch, rows)
+    assert loss == pytest.approx(ref, rel=1e-5)
+    torch.testing.assert_close(grad, ref_grad.float(), rtol=1e-4, atol=1e-4 * float(ref_grad.abs().max()))
+    # the tokens after the cut carry no advantage: changing them changes nothing but their own log-probs
+    scores, _ = TeacherPool([teacher], SCHEMA, tok).score(batch, EXAMPLES)
+    adv = sampled_token_advantage(batch.sample_logprobs, scores.logprobs, clip=1.0) * batch.completion_mask
+    assert adv[3, 1] == pytest.approx(-min(penalty, 1.0)) and (adv[3, 2:] == 0).all()
+
+
+def test_cut_rows_are_counted_by_reason(models):
     student = load_model(str(models["bpe"]))
     tok = student.tokenizer
     batch = written(tok, ["6", "2", "héllo", "001"])
     batch.completion_ids[0, 0] = tok.pad_token_id  # a special token mid-completion
+    byte = tok.convert_tokens_to_ids("Ã")  # the first byte of "é"; row 1 is truncated: a cut at the end
+    batch.completion_ids[1, 0] = byte
     pool = TeacherPool([cross(models["char_a"], tok)], SCHEMA, tok)
     scores, names = pool.score(batch, EXAMPLES)
-    assert scores.rejects[0] == UNALIGNED_SPECIAL and names == ["teacher"] * 4
-    assert (scores.logprobs[0] == 0).all()
+    assert names == ["teacher"] * 4 and not hasattr(scores, "rejects")  # no row is dropped
     metrics = alignment_metrics(scores, World())
-    assert metrics["align/unaligned"] == sum(r is not None for r in scores.rejects) >= 1
+    assert metrics["align/unaligned"] == 2
+    assert metrics["align/penalised_unaligned_special"] == 1 and metrics["align/cut_char_at_end"] == 1
+    assert metrics["align/penalised_unaligned_bytes"] == metrics["align/penalised_unaligned_text"] == 0
     assert 0 <= metrics["align/one_to_one"] <= 1 and metrics["align/teacher_span_len"] >= 1
     assert alignment_metrics(SimpleNamespace(), World()) == {}
 
@@ -167,7 +230,8 @@ def test_manifest_entry_records_both_tokenizers_and_the_rule(models):
     entry = cross(models["char_a"], student.tokenizer).describe()["cross_tokenizer"]
     assert entry["student_tokenizer_sha256"] == tokenizer_sha256(student.tokenizer)
     assert entry["teacher_tokenizer_sha256"] != entry["student_tokenizer_sha256"]
-    assert "spans" in entry["alignment"] and "<eos>" in entry["end"] and UNALIGNED_SPECIAL in entry["rejects"]
+    assert "spans" in entry["alignment"] and "<eos>" in entry["end"]
+    assert UNALIGNED_SPECIAL in entry["unreadable"]["reasons"] and entry["unreadable"]["penalty"] == -1.0
 
 
 def config(**sections):

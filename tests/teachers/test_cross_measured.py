@@ -15,11 +15,12 @@ SCRIPT = Path(__file__).parents[2] / "results" / "cross_tokenizer" / "run.sh"
 
 @pytest.mark.slow
 def test_a_bpe_student_moves_towards_a_char_teacher(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIRECTIONS": "char:bpe"}
-    out = subprocess.run(["bash", str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True, timeout=1200)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIRECTIONS": "char:bpe", "RESULT": str(tmp_path / "result.json")}
+    out = subprocess.run(["bash", str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-2000:]
-    found = json.loads(out.stdout.strip().splitlines()[-1])
+    found = json.loads((tmp_path / "result.json").read_text().splitlines()[-1])
     print(found)
     assert found["teacher_accuracy"] > found["student_accuracy_before"]
-    assert found["gap_closed"] > 0.2  # measured 0.445 (docs/cross_tokenizer.md); the issue asks for 0.7, not reached
+    # results/cross_tokenizer/result.json has the measured value (>= 0.7); a margin for run-to-run noise
+    assert found["gap_closed"] > 0.5
     assert 0 < found["one_to_one_last50"] <= 1 and found["teacher_span_len_last50"] >= 1
