@@ -153,8 +153,6 @@ def build_run(cfg: DistillConfig, resume: bool, world: World | None = None) -> t
     teachers.prepare(task.train)  # dtype auto: bf16 where native and accurate; served: tokenizer, top-k
     method = make_method(cfg.method)
     objective = make_objective(cfg.objective, teacher_has_logits=teachers.has_logits, teacher_top_k=teachers.top_k)
-    if objective.is_sampled and cfg.objective.name == "auto" and cfg.objective.clip == 5.0:
-        objective.params["clip"] = 1.0  # docs/objectives.md: clip 1 measured at least as good as 5
     _check_learning_rate(cfg, objective)
     workers = None
     if cfg.scale.ray_address:  # rollouts and teacher passes on Ray actors; the same results as in-process

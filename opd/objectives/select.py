@@ -75,6 +75,16 @@ class Objective:
         return masked_mean(per_token, chunk.mask, chunk.normalizer)
 
 
+AUTO_SAMPLED_CLIP = 1.0  # docs/objectives.md: clip 1 measured at least as good as 5
+
+
+def sampled_clip(cfg) -> float | None:
+    """The advantage clip of the sampled estimator under an `objective` config: `auto` with the default clip
+    uses AUTO_SAMPLED_CLIP; otherwise the configured one (None = off)."""
+    default = type(cfg).clip  # the dataclass field's default (opd/config.py)
+    return AUTO_SAMPLED_CLIP if cfg.name == "auto" and cfg.clip == default else cfg.clip
+
+
 def make_objective(cfg, teacher_has_logits: bool = True, teacher_top_k: int = 0) -> Objective:
     """Resolve `objective.name` (auto included) into an Objective with only its relevant params.
 
@@ -94,7 +104,7 @@ def make_objective(cfg, teacher_has_logits: bool = True, teacher_top_k: int = 0)
     elif name.startswith("skew"):
         params["alpha"] = cfg.alpha
     elif name == SAMPLED:
-        params["clip"] = cfg.clip
+        params["clip"] = sampled_clip(cfg)
     elif name in TOPK_OBJECTIVES:
         params["top_k"] = cfg.top_k if teacher_has_logits else teacher_top_k
     return Objective(name=name, params=params)

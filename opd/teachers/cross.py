@@ -21,6 +21,7 @@ import torch
 from opd.backends.hf import tokenizer_sha256
 from opd.batch import Batch, left_pad
 from opd.errors import OpdError
+from opd.objectives.select import sampled_clip
 from opd.rollout.prompts import turn_end_id
 from opd.rollout.sampler import decode_completions
 from opd.scores import TeacherScores
@@ -72,11 +73,8 @@ def check_cross_config(cfg, name: str) -> None:
 
 def unreadable_penalty(objective) -> float:
     """The penalty of an unreadable token: the clip the sampled estimator will use, so that it reads as
-    exactly -clip (`auto` turns the default clip 5 into 1, opd/run.py); the default clip when clipping is
-    off, so that the penalty stays finite."""
-    if objective.clip is None:
-        return ObjectiveConfig.clip
-    return 1.0 if objective.name == "auto" and objective.clip == ObjectiveConfig.clip else objective.clip
+    exactly -clip; the default clip when clipping is off, so that the penalty stays finite."""
+    return sampled_clip(objective) or ObjectiveConfig.clip
 
 
 def with_alignment(scores: TeacherScores, alignment: dict) -> TeacherScores:
