@@ -54,6 +54,10 @@ class TeacherConfig(ModelConfig):
     prompt_schema: typing.Any = None  # its own prompt schema (None = task.teacher_prompt_schema, else the student's)
     url: str | None = None  # an `opd serve-teacher` or vLLM server instead of `model`
     api_key_env: str | None = None  # environment variable holding the server's bearer token
+    # served: the server's tokenizer (hub name or local folder, loaded with AutoTokenizer), checked against the
+    # hash the server reports. Another vocabulary than the student's = cross-tokenizer distillation
+    # (docs/cross_tokenizer.md): opd sends the teacher's own token ids of its prompt and the completion's text
+    tokenizer: str | None = None  # served: the teacher's tokenizer (None = the student's)
     # served: top-k log-probs requested per position; objective auto then uses the top-k reverse KL with a
     # tail bucket. A server that answers only the sampled tokens' log-probs (plain OpenAI) falls back to
     # the sampled-token estimator. 0 = ask for the sampled tokens only.
@@ -69,6 +73,8 @@ class TeacherConfig(ModelConfig):
     def validate(self, where: str) -> None:
         if bool(self.model) == bool(self.url):
             raise OpdError(f"{where}: needs 'model' (a hub name or local folder) or 'url' (a server), not both")
+        if self.tokenizer and not self.url:
+            raise OpdError(f"{where}: 'tokenizer' names a served teacher's tokenizer; a local model brings its own")
         if self.top_k < 0 or self.request_timeout <= 0 or self.max_failures <= 0:
             raise OpdError(f"{where}: top_k must be >= 0, request_timeout and max_failures positive")
 

@@ -5,8 +5,9 @@ or with vLLM:               vllm serve MODEL --port 8000 --max-logprobs 20
 (vLLM answers `prompt_logprobs` only up to `--max-logprobs`, so it must be >= top_k.)
 
 opd sends token ids, never text (`prompt: [[ids], ...]`, `echo: true`, `max_tokens: 0`), so the
-teacher scores exactly the student's tokens: teacher and student tokenizers must match
-(`check_tokenizer` compares the hash opd's server reports). vLLM's per-token `prompt_logprobs` are
+teacher scores exactly the tokens it is sent: the student's, and then both tokenizers must match
+(`check_tokenizer` compares the hash opd's server reports), or with `teacher.tokenizer` the teacher's
+own ids of the same text (opd/teachers/cross.py, docs/cross_tokenizer.md). vLLM's per-token `prompt_logprobs` are
 used when the server returns them, else the OpenAI `logprobs.token_logprobs`. vLLM refuses
 `max_tokens: 0`; the client then asks for one generated token and ignores it. `generate_greedy`
 asks for `temperature: 0` completions with `return_token_ids` (vLLM's name for the generated ids,

@@ -265,7 +265,8 @@ def check_bind(host: str, token: str | None) -> None:
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          dtype: str = "float32", logits_chunk: int = LOGITS_CHUNK, device: str = "auto") -> None:
+          dtype: str = "float32", logits_chunk: int = LOGITS_CHUNK, device: str = "auto",
+          max_logprobs: int = 20) -> None:
     """Load the teacher directly onto its device (auto: the first GPU when there is one) and serve it
     until interrupted."""
     check_bind(host, token)
@@ -277,12 +278,12 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, token: str | No
     loaded = load_model(model, dtype=dtype, device=resolve_device(device))
     print(f"serving teacher {loaded.name} on http://{host}:{port}/v1 "
           f"({'token required' if token else 'no token'})", flush=True)
-    uvicorn.run(make_app(loaded, token, logits_chunk=logits_chunk), host=host, port=port, log_level="warning")
+    uvicorn.run(make_app(loaded, token, max_logprobs, logits_chunk), host=host, port=port, log_level="warning")
 
 
 def run_serve(args) -> None:
     serve(args.model, host=args.host, port=args.port, token=args.token, dtype=args.dtype,
-          logits_chunk=args.logits_chunk or LOGITS_CHUNK, device=args.device)
+          logits_chunk=args.logits_chunk or LOGITS_CHUNK, device=args.device, max_logprobs=args.max_logprobs)
 
 
 def add_parser(subparsers) -> None:
@@ -298,4 +299,8 @@ def add_parser(subparsers) -> None:
                    help="precision the teacher scores in")
     p.add_argument("--logits-chunk", type=int, default=LOGITS_CHUNK,
                    help="logits per scoring chunk (bounds scoring memory; 0 = default)")
+    # a cross-tokenizer client sums the probabilities of a token's extensions from the top-k it is sent, so a
+    # larger k makes its span scores exact for more tokens (docs/cross_tokenizer.md); vLLM's flag has this name
+    p.add_argument("--max-logprobs", type=int, default=20,
+                   help="largest top-k a client may ask for per position (default 20)")
     p.set_defaults(func=run_serve)

@@ -27,7 +27,6 @@ from opd.rollout.sampler import decode_completions
 from opd.scores import TeacherScores
 from opd.config import ObjectiveConfig
 from opd.teachers.align import UNALIGNED, Aligned, Extensions, align_readable, marginal_logprobs, row_scores
-from opd.teachers.local import score as local_score
 
 RULE = ("text spans: each side's token boundaries are the character positions of its decoded prefixes; "
         "tokens are grouped into the smallest spans whose boundaries coincide; the student's EOS is "
@@ -116,7 +115,9 @@ def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 class CrossTokenizerTeacher:
-    """A LocalTeacher (`inner`, loaded with its own tokenizer) scoring a student of another tokenizer."""
+    """A teacher of another tokenizer than the student's, scoring the student's rows: `inner` is a
+    LocalTeacher (loaded with its own tokenizer) or a ServedTeacher (`teacher.tokenizer`), and is asked for
+    the log-probs of its own token ids (its prompt, the completion's text in its tokens)."""
 
     returns = "logprobs"
     top_k = 0  # no top-k over the student's vocabulary: the sampled estimator
@@ -164,8 +165,7 @@ class CrossTokenizerTeacher:
         ids, mask = right_pad([r.teacher_ids for r in rows], pad)
         tbatch = Batch(prompt_ids, prompt_mask, ids, mask, torch.zeros(ids.shape),
                        torch.zeros(len(rows), dtype=torch.bool))
-        scored = local_score(self.model, tbatch, self.inner.hidden(tbatch), self.inner.vocab_size,
-                             self.inner.logits_chunk)
+        scored = self.inner.score(tbatch, examples)
         teacher_lp = scored.logprobs.double().tolist()
         extension_lp = self.extension_logprobs(scored, ids, mask)
         sample_lp = batch.sample_logprobs.double().tolist()
@@ -181,13 +181,32 @@ class CrossTokenizerTeacher:
                 counts[f"penalised_{r.reason}" if r.penalised else "cut_char_at_end"] += 1
         return with_alignment(TeacherScores(logprobs), counts)
 
+    @property
+    def extension_rule(self) -> str:
+        """How a span's last token's extensions are summed (`marginal_logprobs`): which distribution it has."""
+        if self.inner.returns == "logits":
+            return "exact: the teacher's full distribution"
+        if self.inner.top_k:
+            return (f"the extensions among the served top-{self.inner.top_k} (and the token itself): each sum is a "
+                    f"lower bound, exact when the top-k holds every extension with probability mass")
+        return ("none: the server returns no top-k, so spans are scored by the teacher's token log-probs "
+                "(its tokenization bias is not corrected)")
+
     def extension_logprobs(self, scored: TeacherScores, ids: torch.Tensor, mask: torch.Tensor,
                            chunk: int = 256) -> list[list[float]]:
         """Per teacher token, log sum_{v in Extensions(token)} p_T(v) (float64); the token's own log-prob
-        where it has no extension. Logits only at the positions with extensions, `chunk` at a time."""
+        where it has no extension. Local: logits only at the positions with extensions, `chunk` at a time.
+        Served: the extensions found in the top-k (`extension_rule`), else the token's own log-prob."""
         out = scored.logprobs.double().tolist()
         where = [(i, j, self.extensions(t)) for i, row in enumerate(ids.tolist()) for j, t in enumerate(row)
                  if mask[i, j] and len(self.extensions(t)) > 1]
+        if not scored.hidden:  # served: what its top-k holds, if anything
+            for i, j, ext in where if scored.topk_ids is not None else []:
+                mine, found = set(ext) - {int(ids[i, j])}, [out[i][j]]
+                found += [lp for t, lp in zip(scored.topk_ids[i, j].tolist(), scored.topk_logprobs[i, j].tolist())
+                          if t in mine and lp > float("-inf")]
+                out[i][j] = float(torch.logsumexp(torch.tensor(found, dtype=torch.float64), 0))
+            return out
         for lo in range(0, len(where), chunk):
             part = where[lo:lo + chunk]
             rows, cols = torch.tensor([w[0] for w in part]), torch.tensor([w[1] for w in part])
@@ -221,6 +240,7 @@ class CrossTokenizerTeacher:
             "student_vocab_size": len(self.student_tokenizer), "teacher_vocab_size": len(self.tokenizer),
             "alignment": RULE, "end": self.end_rule, "estimator": "span-level sampled reverse KL",
             "span_score": "log-prob of the span's text (its last teacher token's extensions summed)",
+            "extensions": self.extension_rule,
             "unreadable": {"reasons": list(UNALIGNED), "penalty": -self.penalty,
                            "rule": "scored up to the first unreadable token, which gets the penalty; 0 after it"}}}
 

@@ -31,16 +31,7 @@ def load_teachers(cfg, student_tok, student_schema) -> list:
     for i, spec in enumerate(specs):
         name = spec.name or ("teacher" if not cfg.teachers else f"teacher{i}")
         if spec.url:
-            from opd.backends.remote import RemoteTeacher
-
-            if spec.api_key_env and spec.api_key_env not in os.environ:
-                raise OpdError(f"teacher api_key_env {spec.api_key_env!r} is not set in the environment")
-            remote = RemoteTeacher(spec.url, api_key=os.environ.get(spec.api_key_env) if spec.api_key_env else None,
-                                   top_k=spec.top_k, request_timeout=spec.request_timeout,
-                                   max_failures=spec.max_failures)
-            teachers.append(ServedTeacher(name, remote, tasks=spec.tasks, pad_id=student_tok.pad_token_id,
-                                          eos_id=student_tok.eos_token_id, tokenizer_hash=tokenizer_sha256(student_tok),
-                                          vocab_size=len(student_tok)))
+            teachers.append(served_teacher(cfg, spec, name, student_tok, student_schema))
             continue
         teacher = LocalTeacher(name, spec.model, tasks=spec.tasks, dtype=spec.dtype, revision=spec.revision,
                                schema=teacher_schema(spec, cfg.task),
@@ -53,6 +44,39 @@ def load_teachers(cfg, student_tok, student_schema) -> list:
             teacher = CrossTokenizerTeacher(teacher, student_tok, student_schema, unreadable_penalty(cfg.objective))
         teachers.append(teacher)
     return teachers
+
+
+def load_tokenizer(name: str):
+    """A served teacher's tokenizer (`teacher.tokenizer`), with a pad token as load_model gives one."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except OSError as exc:
+        raise OpdError(f"cannot load teacher.tokenizer {name}: {str(exc).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    return tok
+
+
+def served_teacher(cfg, spec, name: str, student_tok, student_schema):
+    """A ServedTeacher; with a `tokenizer` of another vocabulary than the student's, wrapped like a local
+    teacher of another tokenizer (it is sent its own token ids of the prompt and the completion's text)."""
+    from opd.backends.remote import RemoteTeacher
+
+    if spec.api_key_env and spec.api_key_env not in os.environ:
+        raise OpdError(f"teacher api_key_env {spec.api_key_env!r} is not set in the environment")
+    remote = RemoteTeacher(spec.url, api_key=os.environ.get(spec.api_key_env) if spec.api_key_env else None,
+                           top_k=spec.top_k, request_timeout=spec.request_timeout, max_failures=spec.max_failures)
+    tok = load_tokenizer(spec.tokenizer) if spec.tokenizer else student_tok
+    teacher = ServedTeacher(name, remote, tasks=spec.tasks, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
+                            tokenizer_hash=tokenizer_sha256(tok), vocab_size=len(tok), tokenizer=tok,
+                            schema=teacher_schema(spec, cfg.task), student_schema=student_schema,
+                            hash_of=f"teacher.tokenizer {spec.tokenizer}" if spec.tokenizer else "the student")
+    if tok.get_vocab() == student_tok.get_vocab():
+        return teacher
+    check_cross_config(cfg, name)
+    return CrossTokenizerTeacher(teacher, student_tok, student_schema, unreadable_penalty(cfg.objective))
 
 
 class TeacherPool:

@@ -2,8 +2,10 @@
 sent, returning the sampled tokens' log-probs and, when asked for `top_k`, its top-k per position.
 
 The student's token ids are sent as they are, so the prompt the teacher scores is the student's by
-construction. The server can also decode greedily (opd's server), which is how its held-out
-accuracy is measured.
+construction. A teacher with another tokenizer (`teacher.tokenizer`) is wrapped in
+opd/teachers/cross.py's CrossTokenizerTeacher, which sends the teacher's own token ids instead: its
+rendering of the prompt (`prompts`) and the completion's text tokenized by `tokenizer`. The server can
+also decode greedily (opd's server), which is how its held-out accuracy is measured.
 """
 
 from __future__ import annotations
@@ -12,14 +14,19 @@ import torch
 
 from opd.batch import Batch, left_pad
 from opd.errors import OpdError
+from opd.rollout.prompts import encode_prompts
 from opd.scores import TeacherScores
 
 
 class ServedTeacher:
     def __init__(self, name: str, remote, *, tasks=("*",), pad_id: int, eos_id: int, tokenizer_hash: str | None = None,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, tokenizer=None, schema=None, student_schema=None,
+                 hash_of: str = "the student"):
+        """tokenizer, schema, student_schema: how it renders its own prompts (a cross-tokenizer teacher);
+        hash_of: whose tokenizer `tokenizer_hash` is (named when the server's differs)."""
         self.name, self.tasks, self.remote = name, tuple(tasks), remote
-        self.pad_id, self.eos_id, self.tokenizer_hash = pad_id, eos_id, tokenizer_hash
+        self.pad_id, self.eos_id, self.tokenizer_hash, self.hash_of = pad_id, eos_id, tokenizer_hash, hash_of
+        self.tokenizer, self.schema, self.student_schema = tokenizer, schema, student_schema
         if vocab_size and remote.top_k > vocab_size:  # cannot return more alternatives than there are tokens
             remote.top_k = vocab_size
         self.top_k = remote.top_k  # what is asked for; prepare() finds out what the server answers
@@ -29,8 +36,12 @@ class ServedTeacher:
     def returns(self) -> str:
         return "topk" if self.top_k else "logprobs"
 
+    def prompts(self, examples) -> list[list[int]]:
+        """The prompts as this teacher reads them: its schema (else the student's), its tokenizer."""
+        return encode_prompts(examples, self.schema or self.student_schema, self.tokenizer)
+
     def prepare(self, examples) -> None:
-        """Check the server's tokenizer against the student's (when it says), and whether it answers top-k."""
+        """Check the server's tokenizer against ours (when it says), and whether it answers top-k."""
         try:
             self.info = self.remote.info() if hasattr(self.remote, "info") else self.remote.health()
         except OpdError:
@@ -46,8 +57,10 @@ class ServedTeacher:
                 self.top_k = self.remote.top_k = 0  # the sampled-token estimator, then (objective auto)
         served = self.info.get("tokenizer_sha256")
         if served and self.tokenizer_hash and served != self.tokenizer_hash:
-            raise OpdError(f"teacher at {self.remote.url} has another tokenizer (sha256 {served[:12]}…) than the "
-                           f"student ({self.tokenizer_hash[:12]}…); opd sends token ids, so both must match")
+            raise OpdError(f"teacher at {self.remote.url} has another tokenizer (sha256 {served[:12]}…) than "
+                           f"{self.hash_of} ({self.tokenizer_hash[:12]}…); opd sends token ids, so both must match"
+                           + ("" if self.hash_of != "the student" else
+                              " (a teacher with another tokenizer: name it in teacher.tokenizer)"))
 
     def score(self, batch: Batch, examples) -> TeacherScores:
         """Send prompt + completion token ids (no padding); log-probs [b, T] and, with top_k, the top-k."""
