@@ -40,13 +40,13 @@ def write_reversal_task(root, n_train=1500, n_eval=150):
 
 @pytest.fixture(scope="module")
 def task_and_models(tmp_path_factory):
-    """A strong teacher (SFT to ~1.0) and a weak student (a few SFT steps), both from a config."""
+    """A strong teacher (SFT to ~1.0; 500 steps: 300 gave 0.87 on AMD EPYC) and a weak student (a few SFT steps), both from a config."""
     root = tmp_path_factory.mktemp("opd-loop")
     paths = write_reversal_task(root)
     train = load_jsonl(paths["train"])
     schema = PromptSchema.from_spec("{prompt}")
     dirs = {}
-    for name, layers, hidden, steps in (("teacher", 2, 64, 300), ("student", 2, 32, 60)):
+    for name, layers, hidden, steps in (("teacher", 2, 64, 500), ("student", 2, 32, 60)):
         out = init_model("qwen3", layers, hidden, 4, ["abcd="], root / name, seed=0)
         m = load_model(str(out), trainable=True)
         run_sft(m.model, m.tokenizer, train, schema, steps=steps, batch_size=32, lr=3e-3, warmup_steps=20,

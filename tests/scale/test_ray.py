@@ -29,7 +29,10 @@ def test_distill_on_local_ray_matches_the_single_process_run(task_and_models):
     common = [f"teacher.model={dirs['teacher']}", f"student.model={dirs['student']}",
               f"task.train={paths['train']}", f"task.eval={paths['eval']}", "rollout.batch_size=16",
               "rollout.max_new_tokens=8", "train.steps=6", "train.lr=3e-3", "train.eval_every=3",
-              "train.checkpoint_every=0", "eval.limit=40", "logging.report=false", "train.seed=7"]
+              "train.checkpoint_every=0", "eval.limit=40", "logging.report=false", "train.seed=7",
+              # float32 teacher: bf16 kernels round differently with the Ray worker's thread count (rel 8e-4
+              # at step 1 on AMD EPYC with AVX512-BF16), which is not what this test is about
+              "teacher.dtype=float32"]
     single = distill(load_config(None, common + [f"out={root / 'single'}"]), progress=False)
     scaled = distill(load_config(None, common + [f"out={root / 'ray'}", "scale.ray_address=local",
                                                  "scale.rollout_workers=2", "scale.teacher_workers=1"]),
