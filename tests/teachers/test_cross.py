@@ -141,13 +141,19 @@ def reference(student_model, teacher, batch, rows, clip=1.0):
     return float(loss.detach()), torch.cat([p.grad.flatten() for p in model64.parameters()])
 
 
-def test_other_tokenizers_give_the_span_estimator_of_a_float64_reference(models):
-    student = load_model(str(models["bpe"]))
-    tok = student.tokenizer
-    batch = on_policy(student.model, written(tok, ["64", "2", "héllo", "99+1"]))
-    teacher = cross(models["char_a"], tok)
+def aligned(models, student_key: str, teacher_key: str, texts: list[str]):
+    """A student writing `texts`, a teacher with another tokenizer, and the rows' alignment: every row is
+    readable and some spans are longer than one token on a side."""
+    student = load_model(str(models[student_key]))
+    batch = on_policy(student.model, written(student.tokenizer, texts))
+    teacher = cross(models[teacher_key], student.tokenizer)
     rows = teacher.align(batch)
     assert all(r.cut is None for r in rows) and any(r.stats()["one_to_one"] < r.stats()["spans"] for r in rows)
+    return student, batch, teacher, rows
+
+
+def test_other_tokenizers_give_the_span_estimator_of_a_float64_reference(models):
+    student, batch, teacher, rows = aligned(models, "bpe", "char_a", ["64", "2", "héllo", "99+1"])
     loss, grad = one_update(student.model, teacher, batch)
     ref, ref_grad = reference(student.model, teacher, batch, rows)
     assert loss == pytest.approx(ref, rel=1e-5)
@@ -155,12 +161,7 @@ def test_other_tokenizers_give_the_span_estimator_of_a_float64_reference(models)
 
 
 def test_a_bpe_teacher_scores_a_char_students_spans_by_their_text(models):
-    student = load_model(str(models["char_a"]))
-    tok = student.tokenizer
-    batch = on_policy(student.model, written(tok, ["64", "21", "001", "99+1"]))
-    teacher = cross(models["bpe"], tok)
-    rows = teacher.align(batch)
-    assert all(r.cut is None for r in rows) and any(r.stats()["one_to_one"] < r.stats()["spans"] for r in rows)
+    student, batch, teacher, rows = aligned(models, "char_a", "bpe", ["64", "21", "001", "99+1"])
     extended = [t for r in rows for t in r.teacher_ids if len(teacher.extensions(t)) > 1]
     assert extended  # some spans end on a token that merges further ("6" -> "64"): their text credit moves
     loss, grad = one_update(student.model, teacher, batch)
